@@ -1,0 +1,194 @@
+//! The gate and the two expert kinds as burn modules.
+
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// Which architecture every expert of a federation has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ExpertKind {
+    /// A two-layer MLP over the common-expert embedding; cheap enough for a Raspberry Pi.
+    Head {
+        /// Hidden width.
+        hidden: usize,
+    },
+    /// A small residual CNN over raw pixels, as in the paper (which used ResNet-34).
+    Cnn {
+        /// Channels of the first stage; the second stage has twice as many.
+        width: usize,
+    },
+}
+
+/// The pixel input a `cnn` expert takes: NCHW, normalised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PixelShape {
+    /// Channels.
+    pub channels: usize,
+    /// Height.
+    pub height: usize,
+    /// Width.
+    pub width: usize,
+}
+
+impl PixelShape {
+    /// Values per image.
+    pub fn len(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+
+    /// Whether an image has no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Shapes of every module in one federation; the coordinator and every device share it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    /// Width d of the common-expert embedding the gate (and `head` experts) read.
+    pub embedding_dim: usize,
+    /// Output classes.
+    pub classes: usize,
+    /// M, the number of experts.
+    pub experts: usize,
+    /// Hidden width of the gate (choice: 256).
+    pub gate_hidden: usize,
+    /// Expert architecture.
+    pub expert: ExpertKind,
+    /// Pixel input of `cnn` experts; `None` for `head` experts.
+    pub pixels: Option<PixelShape>,
+}
+
+impl ModelSpec {
+    /// Builds a freshly initialised gate on `device` (weights are then replaced by
+    /// [`crate::params::load`]; burn's own initialiser is never relied on for determinism).
+    pub fn gate(&self, device: &Device) -> Gate {
+        Gate {
+            hidden: LinearConfig::new(self.embedding_dim, self.gate_hidden).init(device),
+            out: LinearConfig::new(self.gate_hidden, self.experts).init(device),
+        }
+    }
+
+    /// Builds one expert on `device`.
+    pub fn expert(&self, device: &Device) -> Expert {
+        match self.expert {
+            ExpertKind::Head { hidden } => Expert::Head(HeadExpert {
+                hidden: LinearConfig::new(self.embedding_dim, hidden).init(device),
+                out: LinearConfig::new(hidden, self.classes).init(device),
+            }),
+            ExpertKind::Cnn { width } => {
+                let channels = self.pixels.map_or(3, |p| p.channels);
+                let conv = |from: usize, to: usize, stride: usize| {
+                    Conv2dConfig::new([from, to], [3, 3])
+                        .with_stride([stride, stride])
+                        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                        .init(device)
+                };
+                Expert::Cnn(CnnExpert {
+                    stem: conv(channels, width, 1),
+                    block1_a: conv(width, width, 1),
+                    block1_b: conv(width, width, 1),
+                    down: conv(width, 2 * width, 2),
+                    block2_a: conv(2 * width, 2 * width, 1),
+                    block2_b: conv(2 * width, 2 * width, 1),
+                    out: LinearConfig::new(2 * width, self.classes).init(device),
+                })
+            }
+        }
+    }
+}
+
+/// The gate ("expert ranker") r(e; W_r): a two-layer MLP from the embedding to M logits.
+#[derive(Module, Debug)]
+pub struct Gate {
+    hidden: Linear,
+    out: Linear,
+}
+
+impl Gate {
+    /// Gate logits; the softmax over them ranks the experts.
+    ///
+    /// # Shapes
+    /// - embeddings: `[batch, d]`
+    /// - output: `[batch, M]`
+    pub fn forward(&self, embeddings: Tensor<2>) -> Tensor<2> {
+        self.out.forward(relu(self.hidden.forward(embeddings)))
+    }
+}
+
+/// A `head` expert: an MLP over the common-expert embedding.
+#[derive(Module, Debug)]
+pub struct HeadExpert {
+    hidden: Linear,
+    out: Linear,
+}
+
+/// A `cnn` expert: two residual stages over raw pixels, global average pooling, a linear
+/// classifier. No normalisation layers: batch statistics do not average well across devices.
+#[derive(Module, Debug)]
+pub struct CnnExpert {
+    stem: Conv2d,
+    block1_a: Conv2d,
+    block1_b: Conv2d,
+    down: Conv2d,
+    block2_a: Conv2d,
+    block2_b: Conv2d,
+    out: Linear,
+}
+
+impl CnnExpert {
+    /// # Shapes
+    /// - pixels: `[batch, channels, height, width]`
+    /// - output: `[batch, classes]`
+    fn forward(&self, pixels: Tensor<4>) -> Tensor<2> {
+        let x = relu(self.stem.forward(pixels)); // [b, w, h, w]
+        let x = relu(x.clone() + self.block1_b.forward(relu(self.block1_a.forward(x))));
+        let x = relu(self.down.forward(x)); // [b, 2w, h/2, w/2]
+        let x = relu(x.clone() + self.block2_b.forward(relu(self.block2_a.forward(x))));
+        let [batch, channels, height, width] = x.dims();
+        let pooled = x.reshape([batch, channels, height * width]).mean_dim(2); // [b, 2w, 1]
+        self.out.forward(pooled.reshape([batch, channels]))
+    }
+}
+
+/// What an expert reads: the embedding always, the pixels for `cnn` experts.
+#[derive(Debug, Clone)]
+pub struct ExpertInput {
+    /// Common-expert embeddings, `[batch, d]`.
+    pub embeddings: Tensor<2>,
+    /// Normalised pixels, `[batch, channels, height, width]`; present for `cnn` experts.
+    pub pixels: Option<Tensor<4>>,
+}
+
+/// One expert f_i(x; W_i).
+#[derive(Module, Debug)]
+pub enum Expert {
+    /// MLP over the embedding.
+    Head(HeadExpert),
+    /// Residual CNN over pixels.
+    Cnn(CnnExpert),
+}
+
+impl Expert {
+    /// Class logits.
+    ///
+    /// # Shapes
+    /// - output: `[batch, classes]`
+    pub fn forward(&self, input: &ExpertInput) -> Tensor<2> {
+        match self {
+            Expert::Head(head) => head
+                .out
+                .forward(relu(head.hidden.forward(input.embeddings.clone()))),
+            Expert::Cnn(cnn) => cnn.forward(
+                input
+                    .pixels
+                    .clone()
+                    .expect("a cnn expert is only built when the spec carries pixels"),
+            ),
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! ddome's tools: the in-process federation ([`simulate::run`]), the zero-shot bench
+//! ([`bench::BenchReport`]) and the shared experiment set-up ([`experiment::Experiment`]).
+//! The `ddome` binary is a thin command line over these.
+
+pub mod bench;
+pub mod experiment;
+pub mod export;
+pub mod simulate;

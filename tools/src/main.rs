@@ -1,0 +1,455 @@
+//! `ddome`: simulate a federation, bench DDOME against its baselines, export the common expert.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ddome_datasets::{Partition, PartitionConfig, Skew, partition};
+use ddome_models::{ExpertKind, TrainConfig};
+use ddome_tools::bench::{BenchReport, machine_description};
+use ddome_tools::experiment::{DataConfig, Experiment};
+use ddome_tools::simulate::{self, Method, RoundMetrics, RunResult, SimConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(
+    name = "ddome",
+    version,
+    about = "Federated mixture-of-experts (DDOME) tools"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one method as an in-process federation and write per-round metrics.
+    Simulate(SimulateArgs),
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        bench: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Every method on the same split and seeds: zero-shot accuracy on unseen devices.
+    ZeroShot(BenchArgs),
+}
+
+#[derive(Args)]
+struct DataArgs {
+    /// Dataset directory: an ImageFolder with train/ and test/, CIFAR-10 binary batches, or
+    /// Fashion-MNIST IDX files.
+    #[arg(long, default_value = "data/cifar10-jpeg")]
+    data: PathBuf,
+    /// The common expert (ONNX).
+    #[arg(long, default_value = ".cache/models/efficientnet-lite0.onnx")]
+    model: PathBuf,
+    /// Side of the square input of the common expert; images are resized to it.
+    #[arg(long, default_value_t = 64)]
+    input_side: usize,
+    /// Where embeddings are cached.
+    #[arg(long, default_value = ".cache/embeddings")]
+    cache_dir: PathBuf,
+}
+
+#[derive(Args, Clone)]
+struct FederationArgs {
+    /// S, training devices (anchors included).
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// M, experts.
+    #[arg(long, default_value_t = 5)]
+    experts: usize,
+    /// K, experts per device.
+    #[arg(short, long, default_value_t = 2)]
+    k: usize,
+    /// N_a, anchors per round.
+    #[arg(long, default_value_t = 5)]
+    anchors_per_round: usize,
+    /// N_c, normal devices per round.
+    #[arg(long, default_value_t = 5)]
+    normals_per_round: usize,
+    /// R, rounds (central: epochs).
+    #[arg(long, default_value_t = 300)]
+    rounds: usize,
+    /// Epochs of the central reference (default: rounds × participants × samples / train size, at least 5).
+    #[arg(long)]
+    central_epochs: Option<usize>,
+    /// Evaluate every this many rounds.
+    #[arg(long, default_value_t = 25)]
+    eval_every: usize,
+    /// Data skew: `label:L` (L labels per device) or `dirichlet:ALPHA`.
+    #[arg(long, default_value = "label:4", value_parser = parse_skew)]
+    skew: Skew,
+    /// Samples per training device.
+    #[arg(long, default_value_t = 500)]
+    samples_per_device: usize,
+    /// Zero-shot test devices.
+    #[arg(long, default_value_t = 20)]
+    test_devices: usize,
+    /// Samples per test device.
+    #[arg(long, default_value_t = 250)]
+    test_samples: usize,
+    /// Expert architecture.
+    #[arg(long, value_enum, default_value_t = ExpertArg::Head)]
+    expert: ExpertArg,
+    /// Hidden width of `head` experts.
+    #[arg(long, default_value_t = 256)]
+    hidden: usize,
+    /// Channels of the first stage of `cnn` experts.
+    #[arg(long, default_value_t = 16)]
+    cnn_width: usize,
+    /// Gate hidden width.
+    #[arg(long, default_value_t = 256)]
+    gate_hidden: usize,
+    /// Local epochs E.
+    #[arg(long, default_value_t = 1)]
+    local_epochs: usize,
+    /// Local batch size.
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// Expert learning rate.
+    #[arg(long, default_value_t = 0.01)]
+    expert_lr: f64,
+    /// Gate learning rate.
+    #[arg(long, default_value_t = 0.001)]
+    gate_lr: f64,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    /// FedProx μ.
+    #[arg(long, default_value_t = 0.01)]
+    prox_mu: f64,
+    /// Devices trained concurrently (results do not depend on it).
+    #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
+    threads: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ExpertArg {
+    /// MLP over the common-expert embedding.
+    Head,
+    /// Residual CNN over pixels.
+    Cnn,
+}
+
+#[derive(Args)]
+struct SimulateArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    federation: FederationArgs,
+    /// The method.
+    #[arg(long, value_enum, default_value_t = Method::Ddome)]
+    method: Method,
+    /// Seed of the partition, initialisation, selection and shuffling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output directory for metrics.csv, metrics.json and result.json.
+    #[arg(long, default_value = "runs/simulate")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    federation: FederationArgs,
+    /// Seeds, comma-separated; each gets its own partition.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    seeds: Vec<u64>,
+    /// Methods, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Method::ALL)]
+    methods: Vec<Method>,
+    /// Quick mode: one seed and 100 rounds (unless given), enough to show the gap.
+    #[arg(long)]
+    quick: bool,
+    /// Output directory for results.json and table.md.
+    #[arg(long, default_value = "runs/bench-zero-shot")]
+    out: PathBuf,
+}
+
+fn parse_skew(s: &str) -> Result<Skew, String> {
+    let (kind, value) = s
+        .split_once(':')
+        .ok_or_else(|| format!("expected label:L or dirichlet:ALPHA, got {s:?}"))?;
+    match kind {
+        "label" => value
+            .parse()
+            .map(|labels_per_device| Skew::LabelSkew { labels_per_device })
+            .map_err(|e| format!("label count {value:?}: {e}")),
+        "dirichlet" => value
+            .parse()
+            .map(|alpha| Skew::Dirichlet { alpha })
+            .map_err(|e| format!("alpha {value:?}: {e}")),
+        _ => Err(format!(
+            "unknown skew {kind:?}: use label:L or dirichlet:ALPHA"
+        )),
+    }
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(err) = run(Cli::parse()) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Simulate(args) => simulate_command(args),
+        Command::Bench {
+            bench: BenchCommand::ZeroShot(args),
+        } => bench_command(args),
+    }
+}
+
+fn prepare(data: &DataArgs, federation: &FederationArgs) -> Result<Experiment> {
+    let config = DataConfig {
+        data: data.data.clone(),
+        model: data.model.clone(),
+        input_side: data.input_side,
+        cache_dir: data.cache_dir.clone(),
+        keep_pixels: matches!(federation.expert, ExpertArg::Cnn),
+    };
+    if !config.model.exists() {
+        bail!(
+            "no common expert at {}: run scripts/setup.sh, or pass --model",
+            config.model.display()
+        );
+    }
+    eprintln!(
+        "ddome: loading {} and embedding it at {}x{} (cached after the first run)",
+        config.data.display(),
+        config.input_side,
+        config.input_side
+    );
+    let experiment = Experiment::prepare(&config)?;
+    eprintln!(
+        "ddome: {} train / {} test samples, {} classes; load {:.1} s, embed {}",
+        experiment.train.len(),
+        experiment.test.len(),
+        experiment.num_classes(),
+        experiment.load_secs,
+        if experiment.from_cache {
+            "cached".to_string()
+        } else {
+            format!("{:.1} s", experiment.embed_secs)
+        }
+    );
+    Ok(experiment)
+}
+
+fn sim_config(f: &FederationArgs, method: Method, seed: u64, train_len: usize) -> SimConfig {
+    let expert = match f.expert {
+        ExpertArg::Head => ExpertKind::Head { hidden: f.hidden },
+        ExpertArg::Cnn => ExpertKind::Cnn { width: f.cnn_width },
+    };
+    let participants = f.anchors_per_round + f.normals_per_round;
+    // The central reference sees as many samples as a federated run, at least 5 epochs.
+    let central_epochs = f.central_epochs.unwrap_or_else(|| {
+        (f.rounds * participants * f.samples_per_device)
+            .div_ceil(train_len.max(1))
+            .max(5)
+    });
+    SimConfig {
+        method,
+        experts: f.experts,
+        k: f.k,
+        anchors_per_round: f.anchors_per_round,
+        normals_per_round: f.normals_per_round,
+        rounds: if method == Method::Central {
+            central_epochs
+        } else {
+            f.rounds
+        },
+        eval_every: if method == Method::Central {
+            1
+        } else {
+            f.eval_every
+        },
+        expert,
+        gate_hidden: f.gate_hidden,
+        train: TrainConfig {
+            epochs: f.local_epochs,
+            batch_size: f.batch_size,
+            expert_lr: f.expert_lr,
+            gate_lr: f.gate_lr,
+            momentum: f.momentum,
+            prox_mu: 0.0,
+        },
+        prox_mu: f.prox_mu,
+        seed,
+        threads: f.threads,
+    }
+}
+
+fn make_partition(f: &FederationArgs, experiment: &Experiment, seed: u64) -> Result<Partition> {
+    Ok(partition(
+        &experiment.train.labels,
+        &experiment.test.labels,
+        experiment.num_classes(),
+        &PartitionConfig {
+            devices: f.devices,
+            anchors: f.experts,
+            skew: f.skew.clone(),
+            samples_per_device: f.samples_per_device,
+            test_devices: f.test_devices,
+            test_samples_per_device: f.test_samples,
+            seed,
+        },
+    )?)
+}
+
+fn run_with_progress(
+    config: &SimConfig,
+    experiment: &Experiment,
+    partition: &Partition,
+) -> Result<RunResult> {
+    let bar = ProgressBar::new(config.rounds as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>14} [{bar:30}] {pos}/{len} rounds {elapsed_precise} {msg}",
+        )
+        .expect("static template is valid")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{} s{}", config.method.name(), config.seed));
+    let result = simulate::run(
+        config,
+        &experiment.train,
+        &experiment.test,
+        experiment.num_classes(),
+        partition,
+        |round, metrics: Option<&RoundMetrics>| {
+            bar.set_position(round as u64);
+            if let Some(m) = metrics {
+                bar.set_message(format!("zero-shot {:.1}%", 100.0 * m.zero_shot));
+            }
+        },
+    );
+    bar.finish();
+    result
+}
+
+fn simulate_command(args: SimulateArgs) -> Result<()> {
+    let experiment = prepare(&args.data, &args.federation)?;
+    let config = sim_config(
+        &args.federation,
+        args.method,
+        args.seed,
+        experiment.train.len(),
+    );
+    let partition = make_partition(&args.federation, &experiment, args.seed)?;
+    let result = run_with_progress(&config, &experiment, &partition)?;
+    fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let mut csv =
+        String::from("round,train_loss,zero_shot,zero_shot_std,zero_shot_mixture,elapsed_secs\n");
+    for m in &result.history {
+        csv.push_str(&format!(
+            "{},{:.6},{:.6},{:.6},{:.6},{:.3}\n",
+            m.round,
+            m.train_loss,
+            m.zero_shot,
+            m.zero_shot_std,
+            m.zero_shot_mixture,
+            m.elapsed_secs
+        ));
+    }
+    write(&args.out.join("metrics.csv"), csv)?;
+    write(
+        &args.out.join("metrics.json"),
+        serde_json::to_string_pretty(&result.history)?,
+    )?;
+    write(
+        &args.out.join("result.json"),
+        serde_json::to_string_pretty(&result)?,
+    )?;
+    println!(
+        "{} seed {}: zero-shot accuracy {:.2}% (std across devices {:.2}), mixture {:.2}%, model {}",
+        config.method.name(),
+        config.seed,
+        100.0 * result.zero_shot.mean,
+        100.0 * result.zero_shot.std,
+        100.0 * result.zero_shot.mean_mixture,
+        &result.model_sha256[..16]
+    );
+    println!("metrics written to {}", args.out.display());
+    Ok(())
+}
+
+fn bench_command(mut args: BenchArgs) -> Result<()> {
+    let started = Instant::now();
+    if args.quick {
+        args.seeds.truncate(1);
+        if !std::env::args().any(|a| a.starts_with("--rounds")) {
+            args.federation.rounds = 100;
+            args.federation.eval_every = 20;
+        }
+    }
+    let experiment = prepare(&args.data, &args.federation)?;
+    let mut runs = Vec::new();
+    for &seed in &args.seeds {
+        let partition = make_partition(&args.federation, &experiment, seed)?;
+        for &method in &args.methods {
+            let config = sim_config(&args.federation, method, seed, experiment.train.len());
+            runs.push(run_with_progress(&config, &experiment, &partition)?);
+        }
+    }
+    let f = &args.federation;
+    let report = BenchReport {
+        setting: format!(
+            "{} ({}), {}, S = {}, M = {}, K = {}, {} anchors + {} normal devices per round, {} experts",
+            args.data.data.display(),
+            format_args!("common expert at {0}x{0}", args.data.input_side),
+            match f.skew {
+                Skew::LabelSkew { labels_per_device } =>
+                    format!("label skew L = {labels_per_device}"),
+                Skew::Dirichlet { alpha } => format!("Dirichlet α = {alpha}"),
+            },
+            f.devices,
+            f.experts,
+            f.k,
+            f.anchors_per_round,
+            f.normals_per_round,
+            match f.expert {
+                ExpertArg::Head => "head",
+                ExpertArg::Cnn => "cnn",
+            }
+        ),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        classes: experiment.classes.clone(),
+        load_secs: experiment.load_secs,
+        embed_secs: experiment.embed_secs,
+        runs,
+        wall_secs: started.elapsed().as_secs_f64(),
+        machine: machine_description(),
+    };
+    fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    write(
+        &args.out.join("results.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    let markdown = report.markdown();
+    write(&args.out.join("table.md"), markdown.clone())?;
+    println!("{markdown}");
+    println!("results written to {}", args.out.display());
+    Ok(())
+}
+
+fn write(path: &Path, contents: String) -> Result<()> {
+    fs::write(path, contents).with_context(|| format!("writing {}", path.display()))
+}

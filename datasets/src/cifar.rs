@@ -128,7 +128,7 @@ fn read_batches(paths: &[PathBuf], classes: &[String]) -> Result<ImageSet, Datas
 /// Number of records in a batch file of `len` bytes; an empty or partial file is truncated.
 fn whole_records(path: &Path, len: u64) -> Result<usize, DatasetError> {
     let record = RECORD as u64;
-    if len == 0 || len % record != 0 {
+    if len == 0 || !len.is_multiple_of(record) {
         let expected = len.div_ceil(record).max(1) * record;
         return Err(DatasetError::Truncated {
             path: path.to_path_buf(),

@@ -2,7 +2,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, ErrorKind, Read};
 use std::path::{Path, PathBuf};
 
-use flate2::read::GzDecoder;
+use flate2::read::MultiGzDecoder;
 
 use crate::{DatasetError, ImageSet, ImageShape, Split};
 
@@ -101,7 +101,7 @@ fn read_idx(path: &Path, magic: u32, rank: usize) -> Result<(Vec<usize>, Vec<u8>
     let mut buffered = BufReader::new(file);
     let gzip = buffered.fill_buf().map_err(io)?.starts_with(&GZIP_MAGIC);
     let mut reader: Box<dyn Read> = if gzip {
-        Box::new(GzDecoder::new(buffered))
+        Box::new(MultiGzDecoder::new(buffered))
     } else {
         Box::new(buffered)
     };

@@ -10,7 +10,7 @@
 //! - [`load_split`]: picks one of the above from what the directory contains;
 //! - [`synthetic`]: a tiny learnable dataset for unit tests.
 //!
-//! [`partition`] spreads a dataset over simulated devices the way the paper does: anchor
+//! [`partition()`] spreads a dataset over simulated devices the way the paper does: anchor
 //! devices holding disjoint label groups, normal devices under label skew or Dirichlet skew,
 //! and zero-shot test devices whose label combinations never occur in training. Every
 //! partition is a pure function of its [`PartitionConfig`] (seed included).

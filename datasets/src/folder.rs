@@ -308,10 +308,11 @@ mod tests {
     #[test]
     fn real_cifar10_image_folder_loads() {
         let root = Path::new(CIFAR_JPEG);
-        if !root.is_dir() {
-            eprintln!("skipped: {} not present", root.display());
-            return;
-        }
+        assert!(
+            root.is_dir(),
+            "{} not present: run scripts/setup.sh first",
+            root.display()
+        );
         let start = Instant::now();
         let split = crate::load_split(root).expect("real CIFAR-10 ImageFolder loads");
         eprintln!(

@@ -90,6 +90,20 @@ pub struct SimConfig {
     pub threads: usize,
 }
 
+impl SimConfig {
+    /// The local optimiser settings, with FedProx's proximal term for FedProx only.
+    pub fn local_train_config(&self) -> TrainConfig {
+        TrainConfig {
+            prox_mu: if self.method == Method::Fedprox {
+                self.prox_mu
+            } else {
+                0.0
+            },
+            ..self.train
+        }
+    }
+}
+
 /// Zero-shot accuracy on the unseen test devices and where their samples were routed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ZeroShot {
@@ -271,9 +285,9 @@ fn train_jobs(
     data: &Features,
     partition: &[DeviceData],
     config: &SimConfig,
-    train: &TrainConfig,
     round: usize,
 ) -> Result<Vec<LocalUpdate>> {
+    let train = &config.local_train_config();
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Result<LocalUpdate>>>> =
         Mutex::new((0..jobs.len()).map(|_| None).collect());
@@ -356,10 +370,7 @@ pub fn run(
         );
     }
     let per_round = config.anchors_per_round + config.normals_per_round;
-    let mut train_cfg = config.train;
-    if config.method == Method::Fedprox {
-        train_cfg.prox_mu = config.prox_mu;
-    }
+    let train_cfg = config.local_train_config();
 
     let rounds = config.rounds;
     for round in 0..rounds {
@@ -468,7 +479,6 @@ pub fn run(
                 train,
                 &partition.train,
                 config,
-                &train_cfg,
                 round,
             )?;
             timings.training += t.elapsed().as_secs_f64();

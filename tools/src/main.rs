@@ -1,6 +1,7 @@
 //! `ddome`: simulate a federation, bench DDOME against its baselines, export the common expert.
 
 use std::fs;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -352,6 +353,18 @@ fn run_with_progress(
             bar.set_position(round as u64);
             if let Some(m) = metrics {
                 bar.set_message(format!("zero-shot {:.1}%", 100.0 * m.zero_shot));
+                if !std::io::stderr().is_terminal() {
+                    // No bar is drawn off a terminal (CI, logs): one line per evaluation.
+                    eprintln!(
+                        "{} seed {}: round {round}/{}, zero-shot {:.1}%, loss {:.3}, {:.0} s",
+                        config.method.name(),
+                        config.seed,
+                        config.rounds,
+                        100.0 * m.zero_shot,
+                        m.train_loss,
+                        m.elapsed_secs
+                    );
+                }
             }
         },
     );

@@ -136,6 +136,8 @@ pub struct RoundMetrics {
     pub zero_shot_std: f64,
     /// Zero-shot accuracy, mixture rule.
     pub zero_shot_mixture: f64,
+    /// DDOME: for each anchor expert, the share of its labels the gate routes to it.
+    pub anchor_routing: Vec<f64>,
     /// Seconds since the run started.
     pub elapsed_secs: f64,
 }
@@ -500,6 +502,11 @@ pub fn run(
         let metrics = if done % config.eval_every.max(1) == 0 || done == rounds {
             let t = Instant::now();
             let zs = zero_shot(config, &spec, &global, test, classes, &partition.test)?;
+            let anchor_routing = if config.method == Method::Ddome {
+                anchor_routing(&spec, &global, test, partition)?
+            } else {
+                Vec::new()
+            };
             timings.evaluation += t.elapsed().as_secs_f64();
             history.push(RoundMetrics {
                 round: done,
@@ -507,6 +514,7 @@ pub fn run(
                 zero_shot: zs.mean,
                 zero_shot_std: zs.std,
                 zero_shot_mixture: zs.mean_mixture,
+                anchor_routing,
                 elapsed_secs: started.elapsed().as_secs_f64(),
             });
             history.last()

@@ -215,9 +215,10 @@ pub fn model_spec(config: &SimConfig, data: &Features, classes: usize) -> Result
         experts,
         gate_hidden: config.gate_hidden,
         expert: config.expert,
-        pixels: matches!(config.expert, ExpertKind::Cnn { .. })
-            .then_some(pixels)
-            .flatten(),
+        pixels: match config.expert {
+            ExpertKind::Cnn { .. } => pixels,
+            ExpertKind::Head { .. } => None,
+        },
     })
 }
 
@@ -374,16 +375,20 @@ pub fn run(
     let per_round = config.anchors_per_round + config.normals_per_round;
     let train_cfg = config.local_train_config();
 
+    // The central reference makes one pass over the union of every device's data per round.
+    let central_indices: Vec<usize> = if config.method == Method::Central {
+        partition
+            .train
+            .iter()
+            .flat_map(|d| d.indices.iter().copied())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let rounds = config.rounds;
     for round in 0..rounds {
         let loss;
         if config.method == Method::Central {
-            // One pass over the union of every training device's data per "round".
-            let all: Vec<usize> = partition
-                .train
-                .iter()
-                .flat_map(|d| d.indices.iter().copied())
-                .collect();
             let t = Instant::now();
             let device = cpu_device().autodiff();
             let experts = [global.experts[0].as_slice()];
@@ -395,7 +400,7 @@ pub fn run(
                 },
                 &Role::Single,
                 train,
-                &all,
+                &central_indices,
                 &train_cfg,
                 device_seed(config.seed, round, usize::MAX),
                 &device,
@@ -473,8 +478,11 @@ pub fn run(
                         .collect()
                 }
             };
+            // Device order, as the coordinator aggregates.
+            let mut jobs = jobs;
+            jobs.sort_by_key(|job| job.device);
             let t = Instant::now();
-            let mut updates = train_jobs(
+            let updates = train_jobs(
                 &spec,
                 &global,
                 &jobs,
@@ -487,14 +495,7 @@ pub fn run(
             loss = updates.iter().map(|u| u.mean_loss as f64).sum::<f64>()
                 / updates.len().max(1) as f64;
             let t = Instant::now();
-            // Device order, as the coordinator aggregates.
-            let mut order: Vec<usize> = (0..jobs.len()).collect();
-            order.sort_by_key(|&i| jobs[i].device);
-            let sorted: Vec<LocalUpdate> = order
-                .into_iter()
-                .map(|i| std::mem::replace(&mut updates[i], empty_update()))
-                .collect();
-            aggregate_round(&mut global, &sorted)?;
+            aggregate_round(&mut global, &updates)?;
             timings.aggregation += t.elapsed().as_secs_f64();
         }
 
@@ -545,15 +546,6 @@ pub fn run(
         timings,
         params: (global.gate.len(), expert_params),
     })
-}
-
-fn empty_update() -> LocalUpdate {
-    LocalUpdate {
-        gate_delta: None,
-        expert_deltas: Vec::new(),
-        samples: 0,
-        mean_loss: 0.0,
-    }
 }
 
 /// Bytes a round moves at f32 (DDOME.md, App. K communication model, measured per method).

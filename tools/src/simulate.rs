@@ -386,6 +386,7 @@ pub fn run(
         Vec::new()
     };
     let rounds = config.rounds;
+    let mut last_evaluation: Option<(ZeroShot, Vec<f64>)> = None;
     for round in 0..rounds {
         let loss;
         if config.method == Method::Central {
@@ -502,12 +503,7 @@ pub fn run(
         let done = round + 1;
         let metrics = if done % config.eval_every.max(1) == 0 || done == rounds {
             let t = Instant::now();
-            let zs = zero_shot(config, &spec, &global, test, classes, &partition.test)?;
-            let anchor_routing = if config.method == Method::Ddome {
-                anchor_routing(&spec, &global, test, partition)?
-            } else {
-                Vec::new()
-            };
+            let (zs, anchor_routing) = evaluate(config, &spec, &global, test, classes, partition)?;
             timings.evaluation += t.elapsed().as_secs_f64();
             history.push(RoundMetrics {
                 round: done,
@@ -515,9 +511,10 @@ pub fn run(
                 zero_shot: zs.mean,
                 zero_shot_std: zs.std,
                 zero_shot_mixture: zs.mean_mixture,
-                anchor_routing,
+                anchor_routing: anchor_routing.clone(),
                 elapsed_secs: started.elapsed().as_secs_f64(),
             });
+            last_evaluation = Some((zs, anchor_routing));
             history.last()
         } else {
             None
@@ -525,14 +522,11 @@ pub fn run(
         on_round(done, metrics);
     }
 
-    let t = Instant::now();
-    let zs = zero_shot(config, &spec, &global, test, classes, &partition.test)?;
-    let anchor_routing = if config.method == Method::Ddome {
-        anchor_routing(&spec, &global, test, partition)?
-    } else {
-        Vec::new()
+    // The last round is always evaluated; only a run of zero rounds still needs it.
+    let (zs, anchor_routing) = match last_evaluation {
+        Some(evaluation) => evaluation,
+        None => evaluate(config, &spec, &global, test, classes, partition)?,
     };
-    timings.evaluation += t.elapsed().as_secs_f64();
     let template = spec.expert(&eval_device);
     let expert_params = params::flatten(&template).len();
     Ok(RunResult {
@@ -546,6 +540,24 @@ pub fn run(
         timings,
         params: (global.gate.len(), expert_params),
     })
+}
+
+/// The zero-shot evaluation and, for DDOME, the anchors' routing shares.
+fn evaluate(
+    config: &SimConfig,
+    spec: &ModelSpec,
+    global: &GlobalModel,
+    test: &Features,
+    classes: usize,
+    partition: &Partition,
+) -> Result<(ZeroShot, Vec<f64>)> {
+    let zs = zero_shot(config, spec, global, test, classes, &partition.test)?;
+    let shares = if config.method == Method::Ddome {
+        anchor_routing(spec, global, test, partition)?
+    } else {
+        Vec::new()
+    };
+    Ok((zs, shares))
 }
 
 /// Bytes a round moves at f32 (DDOME.md, App. K communication model, measured per method).

@@ -2,7 +2,11 @@
 //! [`aggregate_round`].
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
+use crate::backend::cpu_device;
+use crate::nn::ModelSpec;
+use crate::params;
 use crate::train::LocalUpdate;
 
 /// The federation's global parameters: the gate W_r and the experts W_1..W_M, flat.
@@ -12,6 +16,36 @@ pub struct GlobalModel {
     pub gate: Vec<f32>,
     /// W_1..W_M.
     pub experts: Vec<Vec<f32>>,
+}
+
+impl GlobalModel {
+    /// The model a federation starts from: every module drawn from `seed` (the gate from
+    /// `seed`, expert e from `seed + 1 + e`), so the coordinator and the simulator start alike.
+    pub fn initial(spec: &ModelSpec, seed: u64, with_gate: bool) -> Self {
+        let device = cpu_device();
+        let gate = if with_gate {
+            params::init(&spec.gate(&device), seed)
+        } else {
+            Vec::new()
+        };
+        let template = spec.expert(&device);
+        Self {
+            gate,
+            experts: (0..spec.experts)
+                .map(|e| params::init(&template, seed.wrapping_add(1 + e as u64)))
+                .collect(),
+        }
+    }
+
+    /// SHA-256 of the parameters (little-endian f32, gate then experts in order): two models
+    /// are bit-identical exactly when their hashes are.
+    pub fn sha256(&self) -> String {
+        let mut hasher = Sha256::new();
+        for v in self.gate.iter().chain(self.experts.iter().flatten()) {
+            hasher.update(v.to_le_bytes());
+        }
+        hex::encode(hasher.finalize())
+    }
 }
 
 /// An update that cannot be aggregated.

@@ -2,6 +2,7 @@
 //! experts, the raw pixels.
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use ddome_datasets::ImageSet;
 
 use crate::nn::{ExpertInput, PixelShape};
 
@@ -33,6 +34,38 @@ pub struct Features {
 }
 
 impl Features {
+    /// Wraps a set's embeddings (row-major, `dim` wide), labels and, if `keep_pixels`, its
+    /// pixels.
+    pub fn from_image_set(
+        set: ImageSet,
+        embeddings: Vec<f32>,
+        dim: usize,
+        keep_pixels: bool,
+    ) -> Self {
+        let shape = set.shape;
+        let pixels = keep_pixels.then(|| {
+            // Per-channel mean and standard deviation of this split, so `cnn` experts see
+            // standardised inputs whatever the dataset.
+            let (mean, std) = channel_stats(&set.images, shape.channels);
+            Pixels {
+                values: set.images,
+                shape: PixelShape {
+                    channels: shape.channels,
+                    height: shape.height,
+                    width: shape.width,
+                },
+                mean,
+                std,
+            }
+        });
+        Self {
+            embeddings,
+            dim,
+            labels: set.labels,
+            pixels,
+        }
+    }
+
     /// Number of samples.
     pub fn len(&self) -> usize {
         self.labels.len()
@@ -91,4 +124,24 @@ impl Features {
         );
         (ExpertInput { embeddings, pixels }, labels)
     }
+}
+
+fn channel_stats(values: &[u8], channels: usize) -> ([f32; 3], [f32; 3]) {
+    let mut sum = [0.0f64; 3];
+    let mut sq = [0.0f64; 3];
+    for px in values.chunks_exact(channels) {
+        for (c, &v) in px.iter().enumerate() {
+            sum[c] += v as f64;
+            sq[c] += (v as f64) * (v as f64);
+        }
+    }
+    let n = (values.len() / channels.max(1)).max(1) as f64;
+    let mut mean = [0.0f32; 3];
+    let mut std = [1.0f32; 3];
+    for c in 0..channels.min(3) {
+        let m = sum[c] / n;
+        mean[c] = m as f32;
+        std[c] = ((sq[c] / n - m * m).max(1e-6)).sqrt() as f32;
+    }
+    (mean, std)
 }

@@ -18,7 +18,8 @@ pub use backend::cpu_device;
 pub use common_expert::{CommonExpert, CommonExpertConfig, CommonExpertError, embed_cached};
 pub use features::{Features, Pixels};
 pub use moe::{
-    Predictions, anchor_loss, cross_entropy, gate_probabilities, mixture_nll, predict, top_k,
+    Predictions, anchor_loss, cross_entropy, gate_probabilities, mean_gate_scores, mixture_nll,
+    predict, top_k,
 };
 pub use nn::{Expert, ExpertInput, ExpertKind, Gate, ModelSpec, PixelShape};
 pub use train::{LocalUpdate, Received, Role, TrainConfig, TrainError, train_local};

@@ -1,12 +1,14 @@
 //! The mixture of experts: its losses, top-K ranking and zero-shot prediction.
 //!
 //! Everything here works on tensors already on a device; [`crate::train`] builds the
-//! batches and [`crate::Federation`]-level code chooses who trains what.
+//! batches and the simulator and the coordinator choose who trains what.
 
 use burn::tensor::activation::{log_softmax, softmax};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use crate::nn::{Expert, ExpertInput, Gate};
+use crate::features::Features;
+use crate::nn::{Expert, ExpertInput, Gate, ModelSpec};
+use crate::params::{self, ParamLenError};
 
 /// Numerically stable log Σ exp along `dim`, keeping the dimension.
 fn log_sum_exp<const D: usize>(x: Tensor<D>, dim: usize) -> Tensor<D> {
@@ -92,6 +94,33 @@ pub fn gate_probabilities(gate: &Gate, embeddings: Tensor<2>) -> Vec<f32> {
         .convert::<f32>()
         .try_into_vec()
         .expect("converted tensor data is f32")
+}
+
+/// A device's expert scores p̄: the mean over its samples at `indices` of the gate's softmax
+/// (DDOME.md, "One round", step 2). Normal devices rank with it, new devices pick their
+/// experts with it; batches of 1024 keep memory flat whatever the device's data size.
+pub fn mean_gate_scores(
+    spec: &ModelSpec,
+    gate: &[f32],
+    data: &Features,
+    indices: &[usize],
+    device: &Device,
+) -> Result<Vec<f32>, ParamLenError> {
+    let gate = params::load(spec.gate(device), gate, "gate")?;
+    let mut sum = vec![0.0f64; spec.experts];
+    for chunk in indices.chunks(1024) {
+        let (input, _) = data.batch(chunk, device);
+        let probs = gate_probabilities(&gate, input.embeddings);
+        for row in probs.chunks_exact(spec.experts) {
+            for (s, p) in sum.iter_mut().zip(row) {
+                *s += *p as f64;
+            }
+        }
+    }
+    Ok(sum
+        .into_iter()
+        .map(|s| (s / indices.len().max(1) as f64) as f32)
+        .collect())
 }
 
 /// Zero-shot predictions of one batch with a device's K experts.

@@ -1,11 +1,21 @@
-//! ddome's wire protocol without I/O, in the manner of quinn-proto: what a round looks like
-//! and who takes part in it. The coordinator and the agent wrap it in QUIC; the in-process
-//! simulator drives the very same functions, so a networked run and a simulated one agree.
+//! ddome's wire protocol without I/O, in the manner of quinn-proto: the messages, their
+//! framing, the delta codecs and the round state machine. The coordinator and the agent
+//! wrap it in QUIC; the in-process simulator drives the same selection and seeds, so a
+//! networked run and a simulated one agree.
 //!
-//! Entry points: [`select_participants`] and [`Selection`].
+//! Entry points: [`message`] (what crosses the wire), [`frame`] (how), [`codec`] (how deltas
+//! shrink), [`round::Round`] (who takes part in a round and when it ends).
 
+pub mod codec;
+pub mod frame;
+pub mod message;
+pub mod round;
 mod selection;
 
+pub use codec::{
+    CodecConfig, CodecConfigError, DecodeError, EncodeError, EncodedDelta, EncodedValues,
+    ErrorFeedback, ValueCodec,
+};
 pub use selection::{Selection, SelectionConfig, SelectionError, select_participants};
 
 /// Version of the protocol; checked in the first exchange of every connection.

@@ -3,8 +3,7 @@
 //! well above chance, zero-shot.
 
 use ddome_datasets::{ImageShape, PartitionConfig, Skew, partition, synthetic};
-use ddome_models::{ExpertKind, TrainConfig};
-use ddome_tools::experiment::features;
+use ddome_models::{ExpertKind, Features, TrainConfig};
 use ddome_tools::simulate::{Method, SimConfig, run};
 
 #[test]
@@ -41,8 +40,8 @@ fn ddome_specialises_and_predicts_unseen_devices() {
         },
     )
     .unwrap();
-    let train = features(split.train, train_emb, 36, false);
-    let test = features(split.test, test_emb, 36, false);
+    let train = Features::from_image_set(split.train, train_emb, 36, false);
+    let test = Features::from_image_set(split.test, test_emb, 36, false);
     let config = SimConfig {
         method: Method::Ddome,
         experts: 3,

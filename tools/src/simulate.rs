@@ -9,13 +9,13 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use ddome_datasets::{DeviceData, Partition};
 use ddome_models::{
-    Device, ExpertKind, Features, GlobalModel, LocalUpdate, ModelSpec, PixelShape, Predictions,
-    Received, Role, TrainConfig, aggregate_round, cpu_device, gate_probabilities, params, predict,
-    top_k, train_local,
+    ExpertKind, Features, GlobalModel, LocalUpdate, ModelSpec, PixelShape, Predictions, Received,
+    Role, TrainConfig, aggregate_round, cpu_device, gate_probabilities, mean_gate_scores, params,
+    predict, top_k, train_local,
 };
+use ddome_protocol::round::local_seed;
 use ddome_protocol::{SelectionConfig, select_participants};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// A federated (or central) training method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
@@ -189,15 +189,6 @@ pub struct RunResult {
     pub params: (usize, usize),
 }
 
-/// Mixes the run seed, the round and the device into a per-device shuffling seed.
-fn device_seed(seed: u64, round: usize, device: usize) -> u64 {
-    let mut x = seed ^ ((round as u64) << 32) ^ device as u64 ^ 0xD1B5_4A32_D192_ED03;
-    // splitmix64 finaliser
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
 /// The model spec a run uses.
 pub fn model_spec(config: &SimConfig, data: &Features, classes: usize) -> Result<ModelSpec> {
     let pixels: Option<PixelShape> = data.pixels.as_ref().map(|p| p.shape);
@@ -220,57 +211,6 @@ pub fn model_spec(config: &SimConfig, data: &Features, classes: usize) -> Result
             ExpertKind::Head { .. } => None,
         },
     })
-}
-
-/// The initial global model of a run: every module drawn from the run's seed.
-pub fn initial_model(spec: &ModelSpec, seed: u64, with_gate: bool) -> GlobalModel {
-    let device = cpu_device();
-    let gate = if with_gate {
-        params::init(&spec.gate(&device), seed)
-    } else {
-        Vec::new()
-    };
-    let template = spec.expert(&device);
-    GlobalModel {
-        gate,
-        experts: (0..spec.experts)
-            .map(|e| params::init(&template, seed.wrapping_add(1 + e as u64)))
-            .collect(),
-    }
-}
-
-/// SHA-256 of a global model's parameters.
-pub fn model_hash(model: &GlobalModel) -> String {
-    let mut hasher = Sha256::new();
-    for v in model.gate.iter().chain(model.experts.iter().flatten()) {
-        hasher.update(v.to_le_bytes());
-    }
-    hex::encode(hasher.finalize())
-}
-
-/// Mean over the samples at `indices` of the gate's softmax: the device's expert scores p̄.
-pub fn mean_gate_scores(
-    spec: &ModelSpec,
-    gate: &[f32],
-    data: &Features,
-    indices: &[usize],
-    device: &Device,
-) -> Result<Vec<f32>> {
-    let gate = params::load(spec.gate(device), gate, "gate")?;
-    let mut sum = vec![0.0f64; spec.experts];
-    for chunk in indices.chunks(1024) {
-        let (input, _) = data.batch(chunk, device);
-        let probs = gate_probabilities(&gate, input.embeddings);
-        for row in probs.chunks_exact(spec.experts) {
-            for (s, p) in sum.iter_mut().zip(row) {
-                *s += *p as f64;
-            }
-        }
-    }
-    Ok(sum
-        .into_iter()
-        .map(|s| (s / indices.len().max(1) as f64) as f32)
-        .collect())
 }
 
 /// One training job of a round.
@@ -318,7 +258,7 @@ fn train_jobs(
                         data,
                         &partition[job.device].indices,
                         train,
-                        device_seed(config.seed, round, job.device),
+                        local_seed(config.seed, round as u64, job.device as u64),
                         &device,
                     )
                     .with_context(|| format!("device {} in round {round}", job.device));
@@ -348,7 +288,7 @@ pub fn run(
 ) -> Result<RunResult> {
     let started = Instant::now();
     let spec = model_spec(config, train, classes)?;
-    let mut global = initial_model(&spec, config.seed, config.method.has_gate());
+    let mut global = GlobalModel::initial(&spec, config.seed, config.method.has_gate());
     let eval_device = cpu_device();
     let mut timings = Timings::default();
     let mut history = Vec::new();
@@ -403,7 +343,7 @@ pub fn run(
                 train,
                 &central_indices,
                 &train_cfg,
-                device_seed(config.seed, round, usize::MAX),
+                local_seed(config.seed, round as u64, u64::MAX),
                 &device,
             )?;
             timings.training += t.elapsed().as_secs_f64();
@@ -534,7 +474,7 @@ pub fn run(
         history,
         zero_shot: zs,
         anchor_routing,
-        model_sha256: model_hash(&global),
+        model_sha256: global.sha256(),
         bytes_per_round: round_bytes(config, global.gate.len(), expert_params),
         wall_secs: started.elapsed().as_secs_f64(),
         timings,
@@ -708,7 +648,6 @@ mod tests {
     use ddome_datasets::{ImageShape, PartitionConfig, Skew, partition, synthetic};
 
     use super::*;
-    use crate::experiment::features;
 
     /// Synthetic images whose "embedding" is their normalised pixels: no ONNX needed.
     fn setup(seed: u64) -> (Features, Features, Partition) {
@@ -745,8 +684,8 @@ mod tests {
         )
         .unwrap();
         (
-            features(split.train, train_emb, 16, false),
-            features(split.test, test_emb, 16, false),
+            Features::from_image_set(split.train, train_emb, 16, false),
+            Features::from_image_set(split.test, test_emb, 16, false),
             part,
         )
     }

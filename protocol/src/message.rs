@@ -1,0 +1,267 @@
+//! What crosses the wire: one enum per direction, postcard-encoded, one per frame.
+//!
+//! Wire types are plain data, independent of the model code's own types, so that the
+//! model code can change without changing the protocol (and the other way round).
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{CodecConfig, EncodedDelta};
+
+/// The first message on every connection, agent to coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The agent's [`crate::PROTOCOL_VERSION`].
+    pub version: u32,
+    /// Name the device was enrolled under.
+    pub device: String,
+    /// The credential issued at enrolment.
+    pub credential: String,
+}
+
+/// The model every participant trains, as the coordinator describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelDescription {
+    /// Width of the common expert's embedding.
+    pub embedding_dim: u32,
+    /// Class names, in label order: a device maps its own folder names onto them.
+    pub classes: Vec<String>,
+    /// M, experts.
+    pub experts: u32,
+    /// K, experts per normal device.
+    pub k: u32,
+    /// Hidden width of the gate.
+    pub gate_hidden: u32,
+    /// Hidden width of `head` experts.
+    pub expert_hidden: u32,
+    /// SHA-256 of the common expert's ONNX file the embeddings must come from.
+    pub common_expert_sha256: String,
+}
+
+/// Local optimiser settings for a round (mirrors the model crate's training config).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TrainSettings {
+    /// Local epochs.
+    pub epochs: u32,
+    /// Mini-batch size.
+    pub batch_size: u32,
+    /// Expert learning rate.
+    pub expert_lr: f64,
+    /// Gate learning rate.
+    pub gate_lr: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// FedProx μ (0: off).
+    pub prox_mu: f64,
+}
+
+/// Coordinator's answer to a good [`Hello`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The coordinator's protocol version.
+    pub version: u32,
+    /// The device's numeric id (enrolment order).
+    pub device_id: u64,
+    /// The expert this device is the anchor of, if any.
+    pub anchor_of: Option<u32>,
+    /// The model being trained.
+    pub model: ModelDescription,
+    /// How the agent must encode its deltas.
+    pub uplink: CodecConfig,
+    /// Rounds completed so far.
+    pub rounds_completed: u64,
+}
+
+/// What a device does with a training task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskRole {
+    /// Train the gate and the listed experts jointly (mixture loss).
+    Normal,
+    /// Train the gate and the one expert this device anchors.
+    Anchor,
+}
+
+/// Coordinator to a normal device: rank the experts on your data with this gate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankRequest {
+    /// Round number (0-based).
+    pub round: u64,
+    /// Attempt of the round (a round whose deadline passed without enough updates is retried).
+    pub attempt: u32,
+    /// The gate W_r.
+    pub gate: EncodedDelta,
+}
+
+/// A normal device's answer: the top-K experts of its mean gate scores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ranking {
+    /// Round being answered.
+    pub round: u64,
+    /// Attempt being answered.
+    pub attempt: u32,
+    /// Indices of the K experts with the largest mean gate probability, best first.
+    pub experts: Vec<u32>,
+    /// The device's sample count.
+    pub samples: u64,
+}
+
+/// Coordinator to a participant: train these parameters for one round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainTask {
+    /// Round number.
+    pub round: u64,
+    /// Attempt.
+    pub attempt: u32,
+    /// What to train.
+    pub role: TaskRole,
+    /// The gate W_r (anchors get it here; normal devices got it in the [`RankRequest`] and
+    /// get `None`).
+    pub gate: Option<EncodedDelta>,
+    /// (expert index, parameters) for each expert to train.
+    pub experts: Vec<(u32, EncodedDelta)>,
+    /// Seed of the local shuffling.
+    pub seed: u64,
+    /// Optimiser settings.
+    pub train: TrainSettings,
+}
+
+/// A participant's result of a round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Update {
+    /// Round.
+    pub round: u64,
+    /// Attempt.
+    pub attempt: u32,
+    /// Samples trained on (the FedAvg weight).
+    pub samples: u64,
+    /// Mean local training loss.
+    pub mean_loss: f32,
+    /// Δ W_r.
+    pub gate: Option<EncodedDelta>,
+    /// (expert index, Δ W_e).
+    pub experts: Vec<(u32, EncodedDelta)>,
+}
+
+/// Why the coordinator refused something. Sent to the peer; also counted in `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The frame could not be decoded (malformed, truncated).
+    MalformedFrame,
+    /// The frame's declared length exceeds the limit.
+    OversizedFrame,
+    /// The agent speaks another protocol version.
+    VersionMismatch,
+    /// Unknown device, revoked device or wrong credential (deliberately not told apart).
+    Unauthenticated,
+    /// A message that makes no sense in the connection's state.
+    UnexpectedMessage,
+    /// A delta whose shapes do not match the model.
+    BadShape,
+    /// A delta holding NaN or an infinity.
+    NotFinite,
+    /// An update or ranking for a round (or attempt) that is no longer running.
+    StaleRound,
+    /// A second upload for the same round.
+    DuplicateUpdate,
+    /// The device was not selected for this round, or not for these experts.
+    NotSelected,
+    /// The coordinator failed internally (its state is unchanged).
+    Internal,
+}
+
+impl ErrorCode {
+    /// Stable lower-case name, used in `status` and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::MalformedFrame => "malformed_frame",
+            ErrorCode::OversizedFrame => "oversized_frame",
+            ErrorCode::VersionMismatch => "version_mismatch",
+            ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::UnexpectedMessage => "unexpected_message",
+            ErrorCode::BadShape => "bad_shape",
+            ErrorCode::NotFinite => "not_finite",
+            ErrorCode::StaleRound => "stale_round",
+            ErrorCode::DuplicateUpdate => "duplicate_update",
+            ErrorCode::NotSelected => "not_selected",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// An error reported to the peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{}: {message}", code.name())]
+pub struct WireError {
+    /// What kind of error.
+    pub code: ErrorCode,
+    /// Human-readable detail naming what was wrong.
+    pub message: String,
+}
+
+impl WireError {
+    /// An error of `code` with a message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Agent to coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AgentMessage {
+    /// First message: version and credentials.
+    Hello(Hello),
+    /// Answer to a [`RankRequest`].
+    Ranking(Ranking),
+    /// Result of a [`TrainTask`].
+    Update(Update),
+}
+
+/// Coordinator to agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CoordinatorMessage {
+    /// The device is in.
+    Welcome(Welcome),
+    /// Rank the experts with this gate.
+    RankRequest(RankRequest),
+    /// Train.
+    TrainTask(TrainTask),
+    /// The update of this round was committed durably.
+    UpdateAccepted {
+        /// Round.
+        round: u64,
+    },
+    /// The federation has run all its rounds; nothing more to do.
+    Finished {
+        /// Rounds completed.
+        rounds: u64,
+    },
+    /// Something the agent sent was refused.
+    Error(WireError),
+}
+
+impl AgentMessage {
+    /// Short name for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AgentMessage::Hello(_) => "hello",
+            AgentMessage::Ranking(_) => "ranking",
+            AgentMessage::Update(_) => "update",
+        }
+    }
+}
+
+impl CoordinatorMessage {
+    /// Short name for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CoordinatorMessage::Welcome(_) => "welcome",
+            CoordinatorMessage::RankRequest(_) => "rank_request",
+            CoordinatorMessage::TrainTask(_) => "train_task",
+            CoordinatorMessage::UpdateAccepted { .. } => "update_accepted",
+            CoordinatorMessage::Finished { .. } => "finished",
+            CoordinatorMessage::Error(_) => "error",
+        }
+    }
+}

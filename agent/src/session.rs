@@ -412,7 +412,7 @@ async fn train(
     // Training is CPU-bound: keep it off the runtime's threads.
     let features = Arc::clone(&data.features);
     let indices = data.indices.clone();
-    let spec_owned = spec.clone();
+    let spec_owned = *spec;
     let seed = task.seed;
     let update: LocalUpdate = tokio::task::spawn_blocking(move || {
         let expert_params: Vec<&[f32]> = experts.iter().map(|(_, p)| p.as_slice()).collect();

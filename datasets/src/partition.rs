@@ -21,6 +21,30 @@ pub enum Skew {
     },
 }
 
+impl std::str::FromStr for Skew {
+    type Err = String;
+
+    /// `label:L` (L labels per device) or `dirichlet:ALPHA`, as command lines write it.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (kind, value) = s
+            .split_once(':')
+            .ok_or_else(|| format!("expected label:L or dirichlet:ALPHA, got {s:?}"))?;
+        match kind {
+            "label" => value
+                .parse()
+                .map(|labels_per_device| Skew::LabelSkew { labels_per_device })
+                .map_err(|e| format!("label count {value:?}: {e}")),
+            "dirichlet" => value
+                .parse()
+                .map(|alpha| Skew::Dirichlet { alpha })
+                .map_err(|e| format!("alpha {value:?}: {e}")),
+            _ => Err(format!(
+                "unknown skew {kind:?}: use label:L or dirichlet:ALPHA"
+            )),
+        }
+    }
+}
+
 /// Parameters of a federated partition.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PartitionConfig {

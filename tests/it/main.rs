@@ -2,6 +2,7 @@
 
 mod common_expert;
 mod learning;
+mod network;
 
 use std::path::PathBuf;
 

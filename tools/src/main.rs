@@ -99,7 +99,7 @@ struct FederationArgs {
     #[arg(long, default_value_t = 25)]
     eval_every: usize,
     /// Data skew: `label:L` (L labels per device) or `dirichlet:ALPHA`.
-    #[arg(long, default_value = "label:4", value_parser = parse_skew)]
+    #[arg(long, default_value = "label:4", value_parser = clap::value_parser!(Skew))]
     skew: Skew,
     /// Samples per training device.
     #[arg(long, default_value_t = 500)]
@@ -188,25 +188,6 @@ struct BenchArgs {
     /// Output directory for results.json and table.md.
     #[arg(long, default_value = "runs/bench-zero-shot")]
     out: PathBuf,
-}
-
-fn parse_skew(s: &str) -> Result<Skew, String> {
-    let (kind, value) = s
-        .split_once(':')
-        .ok_or_else(|| format!("expected label:L or dirichlet:ALPHA, got {s:?}"))?;
-    match kind {
-        "label" => value
-            .parse()
-            .map(|labels_per_device| Skew::LabelSkew { labels_per_device })
-            .map_err(|e| format!("label count {value:?}: {e}")),
-        "dirichlet" => value
-            .parse()
-            .map(|alpha| Skew::Dirichlet { alpha })
-            .map_err(|e| format!("alpha {value:?}: {e}")),
-        _ => Err(format!(
-            "unknown skew {kind:?}: use label:L or dirichlet:ALPHA"
-        )),
-    }
 }
 
 fn main() {

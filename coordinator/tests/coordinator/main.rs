@@ -1,0 +1,6 @@
+//! The coordinator's state as a process sees it: the admin CLI, and durability under
+//! SIGKILL.
+
+mod cli;
+#[cfg(unix)]
+mod crash;

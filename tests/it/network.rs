@@ -528,3 +528,232 @@ async fn a_restarted_coordinator_resumes_and_loses_no_accepted_update() {
     // Nothing accepted was lost or counted twice: the result is the simulation's.
     assert_eq!(report.model_sha256, simulated(rounds).model_sha256);
 }
+
+/// A scripted participant speaking the protocol by hand: it sends every kind of bad update
+/// once, then behaves (zero deltas), so the federation can finish.
+async fn hostile_participant(
+    addr: SocketAddr,
+    fingerprint: String,
+    name: String,
+    credential: String,
+) -> Vec<ErrorCode> {
+    use ddome_protocol::codec::{EncodedDelta, encode};
+    use ddome_protocol::message::{Ranking, Update};
+    let endpoint = ddome_transport::client(&fingerprint).unwrap();
+    let conn = endpoint
+        .connect(addr, ddome_transport::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let max = usize::MAX;
+    let hello = AgentMessage::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        device: name,
+        credential,
+    });
+    ddome_transport::write_message(&mut send, &hello, max)
+        .await
+        .unwrap();
+    let mut refusals = Vec::new();
+    let mut misbehaved = false;
+    let zeros = |len: usize| encode(&vec![0.0; len], CodecConfig::LOSSLESS).unwrap();
+    loop {
+        let message = tokio::time::timeout(LIMIT, ddome_transport::read_message(&mut recv, max))
+            .await
+            .expect("the coordinator keeps talking")
+            .unwrap();
+        let reply = match message {
+            Some(CoordinatorMessage::RankRequest(r)) => AgentMessage::Ranking(Ranking {
+                round: r.round,
+                attempt: r.attempt,
+                experts: vec![0, 1],
+                samples: 200,
+            }),
+            Some(CoordinatorMessage::TrainTask(task)) => {
+                let gate_len = match &task.gate {
+                    Some(g) => g.len as usize,
+                    None => 1280 * 256 + 256 + 256 * ANCHORS + ANCHORS,
+                };
+                let expert_len = task.experts[0].1.len as usize;
+                let good = Update {
+                    round: task.round,
+                    attempt: task.attempt,
+                    samples: 200,
+                    mean_loss: 1.0,
+                    gate: Some(zeros(gate_len)),
+                    experts: task
+                        .experts
+                        .iter()
+                        .map(|(e, _)| (*e, zeros(expert_len)))
+                        .collect(),
+                };
+                if !misbehaved {
+                    misbehaved = true;
+                    let mut wrong_shape = good.clone();
+                    wrong_shape.gate = Some(zeros(gate_len - 1));
+                    let mut not_finite = good.clone();
+                    let mut values = vec![0.0f32; expert_len];
+                    values[7] = f32::NAN;
+                    not_finite.experts[0].1 = EncodedDelta {
+                        len: expert_len as u32,
+                        index_gaps: None,
+                        values: ddome_protocol::codec::EncodedValues::F32(values),
+                    };
+                    let mut stale = good.clone();
+                    stale.round += 7;
+                    for bad in [wrong_shape, not_finite, stale, good.clone(), good.clone()] {
+                        ddome_transport::write_message(&mut send, &AgentMessage::Update(bad), max)
+                            .await
+                            .unwrap();
+                    }
+                    continue;
+                }
+                AgentMessage::Update(good)
+            }
+            Some(CoordinatorMessage::Error(e)) => {
+                refusals.push(e.code);
+                continue;
+            }
+            Some(CoordinatorMessage::Finished { .. }) | None => return refusals,
+            Some(_) => continue,
+        };
+        ddome_transport::write_message(&mut send, &reply, max)
+            .await
+            .unwrap();
+    }
+}
+
+/// Opens a connection and writes `bytes` raw on its stream; returns the coordinator's error.
+async fn raw_exchange(
+    addr: SocketAddr,
+    fingerprint: &str,
+    bytes: Vec<u8>,
+    finish: bool,
+) -> ErrorCode {
+    let endpoint = ddome_transport::client(fingerprint).unwrap();
+    let conn = endpoint
+        .connect(addr, ddome_transport::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&bytes).await.unwrap();
+    if finish {
+        send.finish().unwrap();
+    }
+    let reply = tokio::time::timeout(LIMIT, ddome_transport::read_message(&mut recv, usize::MAX))
+        .await
+        .expect("the coordinator answers")
+        .unwrap();
+    match reply {
+        Some(CoordinatorMessage::Error(e)) => e.code,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_input_gets_typed_errors_and_everyone_else_is_served() {
+    let rounds = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let credentials = enrolled(dir.path());
+    let server = serve(
+        dir.path(),
+        federation(rounds, CodecConfig::LOSSLESS),
+        loopback(),
+    )
+    .await;
+    let (addr, fp) = (server.local_addr, fingerprint(dir.path()));
+    // Round 0's first anchor misbehaves; the other five are real agents.
+    let anchors: Vec<usize> = (0..ANCHORS).collect();
+    let normals: Vec<usize> = (ANCHORS..ANCHORS + NORMALS).collect();
+    let selection = select_participants(
+        &anchors,
+        &normals,
+        SelectionConfig {
+            anchors: 2,
+            normals: 2,
+        },
+        SEED,
+        0,
+    )
+    .unwrap();
+    let hostile = selection.anchors[0];
+    let agents = spawn_agents(
+        addr,
+        &fp,
+        &credentials,
+        (0..ANCHORS + NORMALS).filter(|&d| d != hostile),
+    );
+    let (name, credential) = credentials[hostile].clone();
+    let scripted = tokio::spawn(hostile_participant(addr, fp.clone(), name, credential));
+
+    // Frames that are oversized, malformed, truncated, or speak another version.
+    let frame =
+        |message: &AgentMessage| ddome_protocol::frame::encode_frame(message, usize::MAX).unwrap();
+    let old_hello = AgentMessage::Hello(Hello {
+        version: PROTOCOL_VERSION + 1,
+        device: "dev-0".into(),
+        credential: credentials[0].1.clone(),
+    });
+    let mut truncated = frame(&old_hello);
+    truncated.truncate(truncated.len() - 3);
+    for (bytes, finish, expected) in [
+        (
+            u32::MAX.to_le_bytes().to_vec(),
+            false,
+            ErrorCode::OversizedFrame,
+        ),
+        (
+            vec![3, 0, 0, 0, 0xff, 0xff, 0xff],
+            false,
+            ErrorCode::MalformedFrame,
+        ),
+        (truncated, true, ErrorCode::MalformedFrame),
+        (frame(&old_hello), false, ErrorCode::VersionMismatch),
+    ] {
+        assert_eq!(raw_exchange(addr, &fp, bytes, finish).await, expected);
+    }
+
+    let report = tokio::time::timeout(LIMIT, server.finished())
+        .await
+        .expect("the federation finishes despite the hostile peer")
+        .unwrap();
+    assert_eq!(report.rounds_completed, rounds);
+    join_agents(agents).await;
+    let refusals = scripted.await.unwrap();
+    assert_eq!(
+        refusals,
+        [
+            ErrorCode::BadShape,
+            ErrorCode::NotFinite,
+            ErrorCode::StaleRound,
+            ErrorCode::DuplicateUpdate
+        ]
+    );
+    let model = final_model(dir.path());
+    assert!(
+        model
+            .gate
+            .iter()
+            .chain(model.experts.iter().flatten())
+            .all(|v| v.is_finite()),
+        "no refused delta reached the model"
+    );
+    let counts = StateDir::open(dir.path())
+        .unwrap()
+        .store()
+        .failure_counts()
+        .unwrap();
+    for kind in [
+        "oversized_frame",
+        "version_mismatch",
+        "bad_shape",
+        "not_finite",
+        "stale_round",
+        "duplicate_update",
+    ] {
+        assert_eq!(counts.get(kind), Some(&1), "{kind} in {counts:?}");
+    }
+    assert_eq!(counts.get("malformed_frame"), Some(&2), "{counts:?}");
+}

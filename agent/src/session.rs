@@ -364,9 +364,12 @@ async fn train(
     state: &mut AgentState,
 ) -> Result<Update, TaskError> {
     let gate = match task.gate {
-        Some(gate) => gate.decode(gate_len(spec))?,
+        Some(gate) => Some(gate.decode(gate_len(spec))?),
+        None if task.role == TaskRole::Single => None,
         None => match state.gate.take() {
-            Some((round, attempt, gate)) if round == task.round && attempt == task.attempt => gate,
+            Some((round, attempt, gate)) if round == task.round && attempt == task.attempt => {
+                Some(gate)
+            }
             _ => {
                 return Err(TaskError::Protocol(format!(
                     "a normal task for round {} came without a gate and none was ranked",
@@ -396,9 +399,10 @@ async fn train(
                 )));
             }
         },
-        TaskRole::Normal => Role::Normal {
+        TaskRole::Normal | TaskRole::Mixture => Role::Normal {
             experts: experts.iter().map(|(e, _)| *e).collect(),
         },
+        TaskRole::Single => Role::Single,
     };
     let s = task.train;
     let train_config = TrainConfig {
@@ -419,7 +423,7 @@ async fn train(
         train_local(
             &spec_owned,
             Received {
-                gate: Some(&gate),
+                gate: gate.as_deref(),
                 experts: &expert_params,
             },
             &role,

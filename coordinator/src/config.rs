@@ -7,13 +7,17 @@ use ddome_protocol::SelectionConfig;
 use ddome_protocol::codec::CodecConfig;
 use ddome_protocol::frame::DEFAULT_MAX_FRAME;
 use ddome_protocol::message::{ModelDescription, TrainSettings};
-use ddome_protocol::round::RoundConfig;
+use ddome_protocol::round::{RoundConfig, RoundKind};
 use serde::{Deserialize, Serialize};
 
 /// `serve`'s configuration. Every field but `model.classes` has the paper's default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FederationConfig {
+    /// `ddome`, or a baseline on the same wire: `fedmix` (gate + all M experts to every
+    /// participant, no anchors) or `fedavg` (one model, no gate).
+    #[serde(default)]
+    pub method: RoundKind,
     /// Seed of the initial model, the selection and the local shuffling.
     #[serde(default)]
     pub seed: u64,
@@ -213,12 +217,25 @@ impl FederationConfig {
         Ok(())
     }
 
+    /// Experts in the model: M, or the one model of FedAvg.
+    pub fn model_experts(&self) -> usize {
+        match self.method {
+            RoundKind::Fedavg => 1,
+            RoundKind::Ddome | RoundKind::Fedmix => self.experts,
+        }
+    }
+
+    /// Whether the model has a gate (every method but FedAvg).
+    pub fn has_gate(&self) -> bool {
+        self.method != RoundKind::Fedavg
+    }
+
     /// The model every participant trains.
     pub fn spec(&self) -> ModelSpec {
         ModelSpec {
             embedding_dim: self.model.embedding_dim,
             classes: self.model.classes.len(),
-            experts: self.experts,
+            experts: self.model_experts(),
             gate_hidden: self.model.gate_hidden,
             expert: ExpertKind::Head {
                 hidden: self.model.expert_hidden,
@@ -232,7 +249,7 @@ impl FederationConfig {
         ModelDescription {
             embedding_dim: self.model.embedding_dim as u32,
             classes: self.model.classes.clone(),
-            experts: self.experts as u32,
+            experts: self.model_experts() as u32,
             k: self.k as u32,
             gate_hidden: self.model.gate_hidden as u32,
             expert_hidden: self.model.expert_hidden as u32,
@@ -255,11 +272,12 @@ impl FederationConfig {
     /// How rounds run.
     pub fn round_config(&self) -> RoundConfig {
         RoundConfig {
+            kind: self.method,
             selection: SelectionConfig {
                 anchors: self.anchors_per_round,
                 normals: self.normals_per_round,
             },
-            experts: self.experts,
+            experts: self.model_experts(),
             k: self.k,
             min_updates: self.min_updates,
             deadline_ms: (self.round_deadline_secs * 1000.0) as u64,
@@ -290,6 +308,10 @@ mod tests {
         assert_eq!(c.train.gate_lr, 0.001);
         assert_eq!(c.codec, CodecConfig::int8_top_k(0.1));
         assert_eq!(c.downlink, CodecConfig::LOSSLESS);
+        assert_eq!(c.method, RoundKind::Ddome);
+        let fedavg =
+            parse("rounds = 1\nmethod = \"fedavg\"\n[model]\nclasses = [\"a\", \"b\"]\n").unwrap();
+        assert_eq!((fedavg.model_experts(), fedavg.has_gate()), (1, false));
     }
 
     #[test]

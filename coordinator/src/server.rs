@@ -22,7 +22,7 @@ use ddome_protocol::message::{
     AgentMessage, CoordinatorMessage, ErrorCode, RankRequest, TaskRole, TrainTask, Update, Welcome,
     WireError,
 };
-use ddome_protocol::round::{Part, Progress, Round, RoundConfig, Step, local_seed};
+use ddome_protocol::round::{Part, Progress, Round, RoundConfig, RoundKind, Step, local_seed};
 use ddome_transport::{Identity, TransportError, read_message, within, write_message};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -432,7 +432,11 @@ impl Federation {
     fn load(store: Arc<Mutex<Store>>, config: FederationConfig) -> Result<Self, ServeError> {
         let spec = config.spec();
         let device = cpu_device();
-        let gate_len = params::flatten(&spec.gate(&device)).len();
+        let gate_len = if config.has_gate() {
+            params::flatten(&spec.gate(&device)).len()
+        } else {
+            0
+        };
         let expert_len = params::flatten(&spec.expert(&device)).len();
         let round_config = config.round_config();
         let mut federation = {
@@ -443,7 +447,10 @@ impl Federation {
                         .map_err(|e| ServeError::Model(e.to_string()))?;
                     (checkpoint.rounds_completed, global)
                 }
-                None => (0, GlobalModel::initial(&spec, config.seed, true)),
+                None => (
+                    0,
+                    GlobalModel::initial(&spec, config.seed, config.has_gate()),
+                ),
             };
             if global.gate.len() != gate_len
                 || global.experts.len() != spec.experts
@@ -510,8 +517,10 @@ impl Federation {
         let mut normals = Vec::new();
         for id in &record.selected {
             match devices.get(id).and_then(|d| d.anchor_expert) {
-                Some(expert) => anchors.push((*id, expert as usize)),
-                None => normals.push(*id),
+                Some(expert) if self.config.method == RoundKind::Ddome => {
+                    anchors.push((*id, expert as usize))
+                }
+                _ => normals.push(*id),
             }
         }
         let accepted = self.store().accepted_updates(record.round)?;
@@ -601,14 +610,19 @@ impl Federation {
         let mut anchors: Vec<(u64, usize)> = Vec::new();
         let mut normals: Vec<u64> = Vec::new();
         for (&device, session) in &self.sessions {
-            match session.anchor_of {
-                Some(expert) if expert < self.spec.experts => anchors.push((device, expert)),
-                Some(_) => {}
-                None => normals.push(device),
+            match (self.config.method, session.anchor_of) {
+                (RoundKind::Ddome, Some(expert)) if expert < self.spec.experts => {
+                    anchors.push((device, expert))
+                }
+                // An anchor of an expert the model lacks sits the round out.
+                (RoundKind::Ddome, Some(_)) => {}
+                // Baselines have no anchors: everyone is drawn alike.
+                _ => normals.push(device),
             }
         }
-        if anchors.len() < self.config.anchors_per_round
-            || normals.len() < self.config.normals_per_round
+        if self.config.method == RoundKind::Ddome
+            && (anchors.len() < self.config.anchors_per_round
+                || normals.len() < self.config.normals_per_round)
         {
             return Ok(());
         }
@@ -658,12 +672,16 @@ impl Federation {
             Step::Train { part, experts } => CoordinatorMessage::TrainTask(TrainTask {
                 round: round.round,
                 attempt: round.attempt,
-                role: match part {
-                    Part::Anchor { .. } => TaskRole::Anchor,
-                    Part::Normal => TaskRole::Normal,
+                role: match (part, self.config.method) {
+                    (Part::Anchor { .. }, _) => TaskRole::Anchor,
+                    (Part::Normal, _) => TaskRole::Normal,
+                    (Part::Fixed, RoundKind::Fedavg) => TaskRole::Single,
+                    (Part::Fixed, _) => TaskRole::Mixture,
                 },
-                gate: matches!(part, Part::Anchor { .. })
-                    .then(|| self.encode_params(&self.global.gate)),
+                // Normal devices got the gate with their rank request; FedAvg has none.
+                gate: (matches!(part, Part::Anchor { .. })
+                    || (part == Part::Fixed && self.config.has_gate()))
+                .then(|| self.encode_params(&self.global.gate)),
                 experts: experts
                     .iter()
                     .map(|&e| (e as u32, self.encode_params(&self.global.experts[e])))

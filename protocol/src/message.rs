@@ -78,6 +78,10 @@ pub enum TaskRole {
     Normal,
     /// Train the gate and the one expert this device anchors.
     Anchor,
+    /// FedMix baseline: train the gate and every expert jointly (mixture loss).
+    Mixture,
+    /// FedAvg baseline: train the one model; no gate.
+    Single,
 }
 
 /// Coordinator to a normal device: rank the experts on your data with this gate.

@@ -15,9 +15,25 @@ use serde::{Deserialize, Serialize};
 use crate::message::ErrorCode;
 use crate::selection::{SelectionConfig, SelectionError, select_participants};
 
+/// Which federation a round belongs to: DDOME, or a baseline run on the same machinery so
+/// that its bytes can be measured on the same wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RoundKind {
+    /// Anchors plus normal devices that rank, then train their top-K.
+    #[default]
+    Ddome,
+    /// FedMix: every participant trains the gate and all M experts; no anchors, no ranking.
+    Fedmix,
+    /// FedAvg: every participant trains the one model; no gate.
+    Fedavg,
+}
+
 /// How rounds are run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoundConfig {
+    /// DDOME or a baseline.
+    pub kind: RoundKind,
     /// N_a anchors and N_c normal devices per round.
     pub selection: SelectionConfig,
     /// M, experts.
@@ -40,6 +56,9 @@ pub enum Part {
     },
     /// Normal device: ranks, then trains its top-K.
     Normal,
+    /// Baseline participant: trains a fixed set of experts (all M for FedMix, the one model
+    /// for FedAvg) without ranking.
+    Fixed,
 }
 
 /// Where a participant is in the round.
@@ -168,6 +187,7 @@ pub struct Round {
     pub deadline_ms: u64,
     /// Participants by device id: their part and phase.
     participants: BTreeMap<u64, (Part, Phase)>,
+    kind: RoundKind,
     experts: usize,
     k: usize,
     min_updates: usize,
@@ -205,12 +225,34 @@ impl Round {
         seed: u64,
         now_ms: u64,
     ) -> Result<Self, SelectionError> {
-        let anchor_ids: Vec<usize> = anchors.iter().map(|&(d, _)| d as usize).collect();
-        let normal_ids: Vec<usize> = normals.iter().map(|&d| d as usize).collect();
+        let (anchor_ids, normal_ids, selection_config) = match config.kind {
+            RoundKind::Ddome => (
+                anchors.iter().map(|&(d, _)| d as usize).collect(),
+                normals.iter().map(|&d| d as usize).collect(),
+                config.selection,
+            ),
+            // Baselines draw from everyone, as the simulator does.
+            RoundKind::Fedmix | RoundKind::Fedavg => {
+                let mut everyone: Vec<usize> = anchors
+                    .iter()
+                    .map(|&(d, _)| d as usize)
+                    .chain(normals.iter().map(|&d| d as usize))
+                    .collect();
+                everyone.sort_unstable();
+                (
+                    Vec::new(),
+                    everyone,
+                    SelectionConfig {
+                        anchors: 0,
+                        normals: config.selection.anchors + config.selection.normals,
+                    },
+                )
+            }
+        };
         let selection = select_participants(
             &anchor_ids,
             &normal_ids,
-            config.selection,
+            selection_config,
             attempt_seed(seed, attempt),
             round,
         )?;
@@ -260,7 +302,17 @@ impl Round {
             );
         }
         for &device in normals {
-            participants.insert(device, (Part::Normal, Phase::AwaitingRanking));
+            let slot = match config.kind {
+                RoundKind::Ddome => (Part::Normal, Phase::AwaitingRanking),
+                RoundKind::Fedmix => (
+                    Part::Fixed,
+                    Phase::Training {
+                        experts: (0..config.experts).collect(),
+                    },
+                ),
+                RoundKind::Fedavg => (Part::Fixed, Phase::Training { experts: vec![0] }),
+            };
+            participants.insert(device, slot);
         }
         for device in uploaded {
             if let Some((_, phase)) = participants.get_mut(device) {
@@ -272,6 +324,7 @@ impl Round {
             attempt,
             deadline_ms,
             participants,
+            kind: config.kind,
             experts: config.experts,
             k: config.k,
             min_updates: config.min_updates,
@@ -288,15 +341,15 @@ impl Round {
         self.participants()
             .filter_map(|(d, part)| match part {
                 Part::Anchor { expert } => Some((d, expert)),
-                Part::Normal => None,
+                Part::Normal | Part::Fixed => None,
             })
             .collect()
     }
 
-    /// Normal devices of this attempt.
+    /// Participants that are not anchors (normal devices, or a baseline's participants).
     pub fn normals(&self) -> Vec<u64> {
         self.participants()
-            .filter(|(_, part)| *part == Part::Normal)
+            .filter(|(_, part)| !matches!(part, Part::Anchor { .. }))
             .map(|(d, _)| d)
             .collect()
     }
@@ -363,7 +416,7 @@ impl Round {
         if *part != Part::Normal {
             return Err(RoundError::Unexpected {
                 device,
-                what: "an anchor does not rank experts".into(),
+                what: "only normal DDOME devices rank experts".into(),
             });
         }
         match phase {
@@ -445,10 +498,15 @@ impl Round {
                 what: format!("update for experts {sent:?}, the device was sent {given:?}"),
             });
         }
-        if !has_gate {
+        let gate_expected = self.kind != RoundKind::Fedavg;
+        if has_gate != gate_expected {
             return Err(RoundError::BadExperts {
                 device,
-                what: "update without a gate delta".into(),
+                what: if gate_expected {
+                    "update without a gate delta".into()
+                } else {
+                    "a FedAvg update carries no gate delta".into()
+                },
             });
         }
         Ok(())
@@ -512,6 +570,7 @@ mod tests {
 
     fn config() -> RoundConfig {
         RoundConfig {
+            kind: RoundKind::Ddome,
             selection: SelectionConfig {
                 anchors: 2,
                 normals: 2,
@@ -567,6 +626,7 @@ mod tests {
                     );
                     vec![expert as u32]
                 }
+                Part::Fixed => unreachable!("DDOME rounds have no fixed parts"),
                 Part::Normal => {
                     assert_eq!(round.next_step(device), Some(Step::Rank));
                     let given = round.on_ranking(device, 5, 0, &[2, 0]).unwrap();
@@ -594,6 +654,7 @@ mod tests {
         for &(device, part) in &all[..3] {
             let experts = match part {
                 Part::Anchor { expert } => vec![expert as u32],
+                Part::Fixed => unreachable!("DDOME rounds have no fixed parts"),
                 Part::Normal => {
                     round.on_ranking(device, 5, 0, &[1, 2]).unwrap();
                     vec![1, 2]
@@ -701,6 +762,45 @@ mod tests {
         );
         assert_eq!(resumed, round);
         assert_eq!(resumed.next_step(anchor), Some(Step::Nothing));
+    }
+
+    #[test]
+    fn baselines_select_from_everyone_and_train_fixed_experts() {
+        let anchors = [(0, 0), (1, 1), (2, 2)];
+        let normals = [3, 4, 5, 6];
+        for (kind, experts, gate) in [
+            (RoundKind::Fedmix, vec![0, 1, 2], true),
+            (RoundKind::Fedavg, vec![0], false),
+        ] {
+            let config = RoundConfig { kind, ..config() };
+            let round = Round::start(5, 0, &anchors, &normals, &config, 9, 0).unwrap();
+            let sel = select_participants(
+                &[],
+                &[0, 1, 2, 3, 4, 5, 6],
+                SelectionConfig {
+                    anchors: 0,
+                    normals: 4,
+                },
+                9,
+                5,
+            )
+            .unwrap();
+            let chosen: Vec<usize> = round.participants().map(|(d, _)| d as usize).collect();
+            assert_eq!(chosen, sel.normals);
+            for (device, part) in round.participants() {
+                assert_eq!(part, Part::Fixed);
+                assert_eq!(
+                    round.next_step(device),
+                    Some(Step::Train {
+                        part,
+                        experts: experts.clone()
+                    })
+                );
+                let sent: Vec<u32> = experts.iter().map(|&e| e as u32).collect();
+                round.check_update(device, 5, 0, &sent, gate).unwrap();
+                assert!(round.check_update(device, 5, 0, &sent, !gate).is_err());
+            }
+        }
     }
 
     #[test]

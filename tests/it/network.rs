@@ -22,6 +22,7 @@ use ddome_models::{
 };
 use ddome_protocol::codec::CodecConfig;
 use ddome_protocol::message::{AgentMessage, CoordinatorMessage, ErrorCode, Hello};
+use ddome_protocol::round::RoundKind;
 use ddome_protocol::{PROTOCOL_VERSION, SelectionConfig, select_participants};
 use ddome_tools::simulate::{self, Method, SimConfig};
 
@@ -100,6 +101,7 @@ fn real_data() -> &'static RealData {
 fn federation(rounds: u64, codec: CodecConfig) -> FederationConfig {
     let paper = TrainConfig::default();
     FederationConfig {
+        method: RoundKind::Ddome,
         seed: SEED,
         rounds,
         experts: ANCHORS,
@@ -231,9 +233,15 @@ async fn networked_run(
     rounds: u64,
     codec: CodecConfig,
 ) -> (ServeReport, GlobalModel, Vec<AgentSummary>) {
+    networked_run_with(federation(rounds, codec)).await
+}
+
+async fn networked_run_with(
+    config: FederationConfig,
+) -> (ServeReport, GlobalModel, Vec<AgentSummary>) {
     let dir = tempfile::tempdir().unwrap();
     let credentials = enrolled(dir.path());
-    let server = serve(dir.path(), federation(rounds, codec), loopback()).await;
+    let server = serve(dir.path(), config, loopback()).await;
     let agents = spawn_agents(
         server.local_addr,
         &fingerprint(dir.path()),
@@ -275,9 +283,13 @@ fn zero_shot(model: &GlobalModel, rounds: u64) -> f64 {
 }
 
 fn simulated(rounds: u64) -> simulate::RunResult {
+    simulated_with(&simulation(rounds))
+}
+
+fn simulated_with(config: &SimConfig) -> simulate::RunResult {
     let data = real_data();
     simulate::run(
-        &simulation(rounds),
+        config,
         &data.train,
         &data.test,
         data.classes.len(),
@@ -302,6 +314,28 @@ async fn lossless_networked_run_equals_the_simulation_bit_for_bit() {
     let accepted: u64 = summaries.iter().map(|s| s.updates_accepted).sum();
     assert_eq!(accepted, 4 * rounds);
     assert!(summaries.iter().all(|s| s.rounds_completed == rounds));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fedmix_and_fedavg_over_the_network_equal_their_simulations() {
+    let rounds = 3;
+    for (kind, method) in [
+        (RoundKind::Fedmix, Method::Fedmix),
+        (RoundKind::Fedavg, Method::Fedavg),
+    ] {
+        let config = FederationConfig {
+            method: kind,
+            ..federation(rounds, CodecConfig::LOSSLESS)
+        };
+        let (report, _, summaries) = networked_run_with(config).await;
+        let simulated = simulated_with(&SimConfig {
+            method,
+            ..simulation(rounds)
+        });
+        assert_eq!(report.model_sha256, simulated.model_sha256, "{method:?}");
+        let accepted: u64 = summaries.iter().map(|s| s.updates_accepted).sum();
+        assert_eq!(accepted, 4 * rounds, "{method:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

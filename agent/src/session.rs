@@ -83,6 +83,9 @@ pub struct AgentSummary {
     pub reconnects: u64,
     /// UDP payload bytes sent, summed over connections (QUIC headers and TLS included).
     pub bytes_sent: u64,
+    /// Of `bytes_sent`, bytes QUIC declared lost and sent again (on loopback these are
+    /// spurious: acknowledgements delayed by a busy CPU).
+    pub bytes_lost: u64,
     /// UDP payload bytes received.
     pub bytes_received: u64,
     /// Rounds the federation completed, as the coordinator last reported.
@@ -181,6 +184,7 @@ async fn session(
     let stats = connection.stats();
     state.summary.bytes_sent += stats.udp_tx.bytes;
     state.summary.bytes_received += stats.udp_rx.bytes;
+    state.summary.bytes_lost += stats.path.lost_bytes;
     if result.is_ok() {
         connection.close(0u32.into(), b"finished");
     }

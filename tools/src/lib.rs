@@ -1,7 +1,9 @@
 //! ddome's tools: the in-process federation ([`simulate::run`]), the zero-shot bench
-//! ([`bench::BenchReport`]) and the shared experiment set-up ([`experiment::Experiment`]).
+//! ([`bench::BenchReport`]), the bandwidth bench over real QUIC ([`bandwidth::measure`]) and
+//! the shared experiment set-up ([`experiment::Experiment`]).
 //! The `ddome` binary is a thin command line over these.
 
+pub mod bandwidth;
 pub mod bench;
 pub mod experiment;
 pub mod export;

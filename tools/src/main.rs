@@ -43,6 +43,23 @@ enum Command {
 enum BenchCommand {
     /// Every method on the same split and seeds: zero-shot accuracy on unseen devices.
     ZeroShot(BenchArgs),
+    /// A coordinator and a fleet of agents on loopback QUIC: bytes per participant per round
+    /// in both directions, per method and codec, with the accuracy each reaches.
+    Bandwidth(BandwidthArgs),
+}
+
+#[derive(Args)]
+struct BandwidthArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    federation: FederationArgs,
+    /// Seed of the partition, initialisation and selection.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output directory for results.json and table.md.
+    #[arg(long, default_value = "runs/bench-bandwidth")]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -210,6 +227,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             bench: BenchCommand::ZeroShot(args),
         } => bench_command(args),
+        Command::Bench {
+            bench: BenchCommand::Bandwidth(args),
+        } => bandwidth_command(args),
     }
 }
 
@@ -455,6 +475,64 @@ fn bench_command(mut args: BenchArgs) -> Result<()> {
     write(&args.out.join("table.md"), markdown.clone())?;
     println!("{markdown}");
     println!("results written to {}", args.out.display());
+    Ok(())
+}
+
+fn bandwidth_command(args: BandwidthArgs) -> Result<()> {
+    use ddome_protocol::codec::CodecConfig;
+    use ddome_tools::bandwidth::{BandwidthSetup, markdown, measure};
+    let experiment = prepare(&args.data, &args.federation)?;
+    let partition = make_partition(&args.federation, &experiment, args.seed)?;
+    let sim = sim_config(
+        &args.federation,
+        Method::Ddome,
+        args.seed,
+        experiment.train.len(),
+    );
+    let setup = BandwidthSetup {
+        train: std::sync::Arc::new(experiment.train.clone()),
+        test: &experiment.test,
+        classes: experiment.classes.clone(),
+        partition: &partition,
+        sim,
+    };
+    let f32 = CodecConfig::LOSSLESS;
+    let int8 = CodecConfig::int8();
+    let runs = [
+        (Method::Fedavg, f32, f32),
+        (Method::Fedmix, f32, f32),
+        (Method::Ddome, f32, f32),
+        (Method::Ddome, int8, f32),
+        (Method::Ddome, int8, int8),
+        (Method::Ddome, CodecConfig::int8_top_k(0.1), int8),
+    ];
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let mut results = Vec::new();
+    for (method, uplink, downlink) in runs {
+        eprintln!(
+            "ddome: {} over QUIC, uplink {uplink}, downlink {downlink}, {} rounds, {} devices",
+            method.name(),
+            args.federation.rounds,
+            partition.train.len()
+        );
+        let run = runtime.block_on(measure(&setup, method, uplink, downlink))?;
+        eprintln!(
+            "  down {:.1} KiB, up {:.1} KiB per participant per round; zero-shot {:.1}%; {:.0} s",
+            run.down_per_participant / 1024.0,
+            run.up_per_participant / 1024.0,
+            100.0 * run.zero_shot,
+            run.wall_secs
+        );
+        results.push(run);
+    }
+    fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    write(
+        &args.out.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    let table = markdown(&results);
+    write(&args.out.join("table.md"), table.clone())?;
+    println!("{table}");
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 //! Scriptable: the one value a command produces (a fingerprint, a credential, the status)
 //! goes to stdout; messages go to stderr.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -74,6 +75,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match run(Cli::parse().command) {
         Ok(()) => ExitCode::SUCCESS,

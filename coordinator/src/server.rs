@@ -835,6 +835,7 @@ impl Federation {
             .expect("check_update accepted this device");
         self.pending.insert(device, decoded);
         self.publish();
+        tracing::info!(device, round = update.round, "update accepted");
         self.send(
             device,
             CoordinatorMessage::UpdateAccepted {

@@ -4,3 +4,5 @@
 mod cli;
 #[cfg(unix)]
 mod crash;
+#[cfg(unix)]
+mod serve_kill;

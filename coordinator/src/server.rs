@@ -172,7 +172,7 @@ async fn run(
         if federation.is_done() {
             break Ok(federation.report());
         }
-        if let Err(e) = federation.maybe_start_round() {
+        if let Err(e) = blocking(|| federation.maybe_start_round()) {
             break Err(e);
         }
         let deadline = federation.time_to_deadline();
@@ -189,12 +189,12 @@ async fn run(
                 ));
             }
             Some(event) = events.recv() => {
-                if let Err(e) = federation.on_event(event) {
+                if let Err(e) = blocking(|| federation.on_event(event)) {
                     break Err(e);
                 }
             }
             _ = sleep_opt(deadline) => {
-                if let Err(e) = federation.on_deadline() {
+                if let Err(e) = blocking(|| federation.on_deadline()) {
                     break Err(e);
                 }
             }
@@ -209,6 +209,17 @@ async fn run(
     .await;
     endpoint.close(0u32.into(), b"federation finished");
     result
+}
+
+/// Runs synchronous work (SQLite commits that wait for the disk, decoding, aggregation)
+/// without stalling the connections' tasks: on a multi-threaded runtime the worker first
+/// hands its other tasks over, so acknowledgements keep flowing and peers do not resend.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
 }
 
 async fn sleep_opt(duration: Option<Duration>) {
@@ -261,10 +272,12 @@ async fn connection(
                 close_after_flush(send, &conn).await;
                 return;
             }
-            let auth = store
-                .lock()
-                .expect("store lock is never poisoned")
-                .authenticate(&hello.device, &hello.credential);
+            let auth = blocking(|| {
+                store
+                    .lock()
+                    .expect("store lock is never poisoned")
+                    .authenticate(&hello.device, &hello.credential)
+            });
             match auth {
                 Ok(device) => device,
                 Err(e) => {

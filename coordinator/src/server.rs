@@ -11,10 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ddome_models::{
-    AggregateError, GlobalModel, LocalUpdate, ModelSpec, aggregate_round, check_delta, cpu_device,
-    params,
-};
+use ddome_models::{GlobalModel, LocalUpdate, ModelSpec, aggregate_round, cpu_device, params};
 use ddome_protocol::PROTOCOL_VERSION;
 use ddome_protocol::codec::{DecodeError, EncodedDelta, encode};
 use ddome_protocol::frame::FrameError;
@@ -862,7 +859,8 @@ impl Federation {
     fn decode_update(&self, update: &Update) -> Result<LocalUpdate, WireError> {
         let decode =
             |delta: &EncodedDelta, len: usize, what: &str| -> Result<Vec<f32>, WireError> {
-                let values = delta.decode(len).map_err(|e| {
+                // Decoding checks the length and that every value is finite.
+                delta.decode(len).map_err(|e| {
                     let code = match e {
                         DecodeError::NonFinite { .. } | DecodeError::BadScale { .. } => {
                             ErrorCode::NotFinite
@@ -870,15 +868,7 @@ impl Federation {
                         _ => ErrorCode::BadShape,
                     };
                     WireError::new(code, format!("{what}: {e}"))
-                })?;
-                check_delta(&values, len, what).map_err(|e| {
-                    let code = match e {
-                        AggregateError::NotFinite { .. } => ErrorCode::NotFinite,
-                        _ => ErrorCode::BadShape,
-                    };
-                    WireError::new(code, e.to_string())
-                })?;
-                Ok(values)
+                })
             };
         if update.samples == 0 {
             return Err(WireError::new(

@@ -23,7 +23,7 @@ use ddome_models::{
 use ddome_protocol::codec::CodecConfig;
 use ddome_protocol::message::{AgentMessage, CoordinatorMessage, ErrorCode, Hello};
 use ddome_protocol::round::RoundKind;
-use ddome_protocol::{PROTOCOL_VERSION, SelectionConfig, select_participants};
+use ddome_protocol::{PROTOCOL_VERSION, Selection, SelectionConfig, select_participants};
 use ddome_tools::simulate::{self, Method, SimConfig};
 
 use crate::{common_expert_onnx, root};
@@ -416,6 +416,17 @@ async fn unenrolled_and_revoked_devices_are_refused() {
     assert_eq!(counts.get("unauthenticated"), Some(&3), "{counts:?}");
 }
 
+/// Who round 0 selects (the coordinator draws as the simulator does).
+fn round_zero() -> Selection {
+    let anchors: Vec<usize> = (0..ANCHORS).collect();
+    let normals: Vec<usize> = (ANCHORS..ANCHORS + NORMALS).collect();
+    let config = SelectionConfig {
+        anchors: 2,
+        normals: 2,
+    };
+    select_participants(&anchors, &normals, config, SEED, 0).unwrap()
+}
+
 /// A device that authenticates, takes its first task and then never answers.
 async fn silent_device(addr: SocketAddr, fingerprint: &str, name: &str, credential: &str) {
     let endpoint = ddome_transport::client(fingerprint).unwrap();
@@ -451,19 +462,7 @@ async fn a_vanished_device_does_not_hold_the_round_past_its_deadline() {
     config.min_updates = 3;
     config.round_deadline_secs = 3.0;
     // The silent device is one that round 0 selects.
-    let anchors: Vec<usize> = (0..ANCHORS).collect();
-    let normals: Vec<usize> = (ANCHORS..ANCHORS + NORMALS).collect();
-    let selection = select_participants(
-        &anchors,
-        &normals,
-        SelectionConfig {
-            anchors: 2,
-            normals: 2,
-        },
-        SEED,
-        0,
-    )
-    .unwrap();
+    let selection = round_zero();
     let silent = selection.normals[0];
     let server = serve(dir.path(), config, loopback()).await;
     let fp = fingerprint(dir.path());
@@ -699,19 +698,7 @@ async fn hostile_input_gets_typed_errors_and_everyone_else_is_served() {
     .await;
     let (addr, fp) = (server.local_addr, fingerprint(dir.path()));
     // Round 0's first anchor misbehaves; the other five are real agents.
-    let anchors: Vec<usize> = (0..ANCHORS).collect();
-    let normals: Vec<usize> = (ANCHORS..ANCHORS + NORMALS).collect();
-    let selection = select_participants(
-        &anchors,
-        &normals,
-        SelectionConfig {
-            anchors: 2,
-            normals: 2,
-        },
-        SEED,
-        0,
-    )
-    .unwrap();
+    let selection = round_zero();
     let hostile = selection.anchors[0];
     let agents = spawn_agents(
         addr,

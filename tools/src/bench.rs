@@ -130,9 +130,35 @@ impl BenchReport {
                 wall
             );
         }
-        let _ = writeln!(md, "\nZero-shot accuracy (%) against rounds, first seed:\n");
+        let oracles: Vec<String> = summaries
+            .iter()
+            .filter_map(|s| {
+                let values: Vec<f64> = self
+                    .runs
+                    .iter()
+                    .filter(|r| r.config.method == s.method)
+                    .filter_map(|r| r.ceilings.label_set_oracle)
+                    .collect();
+                (!values.is_empty()).then(|| {
+                    let mean = values.iter().sum::<f64>() / values.len() as f64;
+                    format!("{} {}%", s.method.name(), pct(mean))
+                })
+            })
+            .collect();
+        if !oracles.is_empty() {
+            let _ = writeln!(
+                md,
+                "\nLabel-set oracle, a ceiling for personalising one model (its predictions restricted to each test device's true labels; reads the labels, so not a method): {}.",
+                oracles.join(", ")
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\nZero-shot accuracy (%) against rounds, first seed (the central reference counts epochs, not rounds, so it is left out):\n"
+        );
         let first_seed: Vec<&RunResult> = summaries
             .iter()
+            .filter(|s| s.method != Method::Central)
             .filter_map(|s| self.runs.iter().find(|r| r.config.method == s.method))
             .collect();
         if let Some(longest) = first_seed.iter().max_by_key(|r| r.history.len()) {
@@ -179,6 +205,17 @@ impl BenchReport {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
+            if let (Some(selected), Some(best)) = (
+                run.ceilings.anchor_coverage_selected,
+                run.ceilings.anchor_coverage_best,
+            ) {
+                let _ = writeln!(
+                    md,
+                    "\nShare of a test device's samples whose label belongs to the anchors of its K experts: {}% with the experts it selected, {}% with the best K (perfect specialists could be right on no other sample).",
+                    pct(selected),
+                    pct(best)
+                );
+            }
             let t = &run.timings;
             let _ = writeln!(
                 md,

@@ -187,6 +187,23 @@ pub struct RunResult {
     pub timings: Timings,
     /// Parameters of the gate and of one expert.
     pub params: (usize, usize),
+    /// Upper bounds that explain the zero-shot result.
+    #[serde(default)]
+    pub ceilings: Ceilings,
+}
+
+/// Upper bounds that explain a zero-shot result. Each reads the test devices' labels, so
+/// they are diagnostics, never methods, and nothing is tuned on them.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Ceilings {
+    /// Single-model methods: mean accuracy when each test device's predictions are restricted
+    /// to its true label set, the most that a label prior could add to this model.
+    pub label_set_oracle: Option<f64>,
+    /// DDOME: mean share of a test device's samples whose label belongs to the anchors of
+    /// the experts it selected. Perfect specialists could be right on no other sample.
+    pub anchor_coverage_selected: Option<f64>,
+    /// DDOME: the same share for the best K anchors of each device.
+    pub anchor_coverage_best: Option<f64>,
 }
 
 /// The model spec a run uses.
@@ -467,6 +484,7 @@ pub fn run(
         Some(evaluation) => evaluation,
         None => evaluate(config, &spec, &global, test, classes, partition)?,
     };
+    let ceilings = ceilings(config, &spec, &global, test, partition, &zs)?;
     let template = spec.expert(&eval_device);
     let expert_params = params::flatten(&template).len();
     Ok(RunResult {
@@ -479,7 +497,93 @@ pub fn run(
         wall_secs: started.elapsed().as_secs_f64(),
         timings,
         params: (global.gate.len(), expert_params),
+        ceilings,
     })
+}
+
+/// The ceilings a method has: the label-set oracle for single models, anchor coverage for
+/// DDOME.
+fn ceilings(
+    config: &SimConfig,
+    spec: &ModelSpec,
+    global: &GlobalModel,
+    test: &Features,
+    partition: &Partition,
+    zs: &ZeroShot,
+) -> Result<Ceilings> {
+    let mut ceilings = Ceilings::default();
+    match config.method {
+        Method::Central | Method::Fedavg | Method::Fedprox => {
+            let device = cpu_device();
+            let expert = params::load(spec.expert(&device), &global.experts[0], "expert 0")?;
+            let mut accuracies = Vec::with_capacity(partition.test.len());
+            for d in &partition.test {
+                let mut correct = 0usize;
+                for chunk in d.indices.chunks(1024) {
+                    let (input, _) = test.batch(chunk, &device);
+                    let logits: Vec<f32> = expert
+                        .forward(&input)
+                        .into_data()
+                        .convert::<f32>()
+                        .try_into_vec::<f32>()
+                        .map_err(|e| anyhow::anyhow!("expert logits: {e:?}"))?;
+                    let classes = logits.len() / chunk.len();
+                    for (row, &i) in logits.chunks_exact(classes).zip(chunk) {
+                        let best = d
+                            .label_set
+                            .iter()
+                            .max_by(|a, b| row[**a as usize].total_cmp(&row[**b as usize]));
+                        correct += usize::from(best == Some(&test.labels[i]));
+                    }
+                }
+                accuracies.push(correct as f64 / d.indices.len().max(1) as f64);
+            }
+            ceilings.label_set_oracle = Some(mean_std(&accuracies).0);
+        }
+        Method::Ddome => {
+            let anchor_labels: Vec<&[u16]> = partition
+                .train
+                .iter()
+                .filter(|d| d.anchor_of.is_some())
+                .map(|d| d.label_set.as_slice())
+                .collect();
+            let share = |d: &DeviceData, experts: &[usize]| {
+                let covered = d
+                    .indices
+                    .iter()
+                    .filter(|&&i| {
+                        experts.iter().any(|&e| {
+                            anchor_labels
+                                .get(e)
+                                .is_some_and(|labels| labels.contains(&test.labels[i]))
+                        })
+                    })
+                    .count();
+                covered as f64 / d.indices.len().max(1) as f64
+            };
+            let selected: Vec<f64> = partition
+                .test
+                .iter()
+                .zip(&zs.selected)
+                .map(|(d, experts)| share(d, experts))
+                .collect();
+            // The best K anchors hold the K largest per-anchor shares (their labels are disjoint).
+            let best: Vec<f64> = partition
+                .test
+                .iter()
+                .map(|d| {
+                    let mut per_anchor: Vec<f64> =
+                        (0..anchor_labels.len()).map(|e| share(d, &[e])).collect();
+                    per_anchor.sort_by(|a, b| b.total_cmp(a));
+                    per_anchor.iter().take(config.k).sum()
+                })
+                .collect();
+            ceilings.anchor_coverage_selected = Some(mean_std(&selected).0);
+            ceilings.anchor_coverage_best = Some(mean_std(&best).0);
+        }
+        Method::Fedmix => {}
+    }
+    Ok(ceilings)
 }
 
 /// The zero-shot evaluation and, for DDOME, the anchors' routing shares.

@@ -50,7 +50,7 @@ pub enum DataError {
     #[error(transparent)]
     CommonExpert(#[from] CommonExpertError),
     /// The device index is outside the partition.
-    #[error("device index {index} but the partition has {devices} training devices")]
+    #[error("device index {index} but the partition has {devices} devices of that kind")]
     NoSuchDevice {
         /// Index asked for.
         index: usize,
@@ -60,6 +60,9 @@ pub enum DataError {
     /// A local class the coordinator's model does not know.
     #[error("local class {0:?} is not one of the coordinator's classes")]
     UnknownClass(String),
+    /// Unlabelled images could not be read.
+    #[error(transparent)]
+    Images(#[from] crate::images::ImageError),
     /// Labels beyond the model's classes.
     #[error("local label {label} but the model has {classes} classes")]
     LabelOutOfRange {
@@ -70,14 +73,18 @@ pub enum DataError {
     },
 }
 
+fn load_expert(config: &EmbedConfig) -> Result<CommonExpert, DataError> {
+    Ok(CommonExpert::load(CommonExpertConfig::efficientnet_lite0(
+        config.model.clone(),
+        config.input_side,
+    ))?)
+}
+
 fn embed(
     set: ddome_datasets::ImageSet,
     config: &EmbedConfig,
 ) -> Result<(Features, String), DataError> {
-    let expert = CommonExpert::load(CommonExpertConfig::efficientnet_lite0(
-        config.model.clone(),
-        config.input_side,
-    ))?;
+    let expert = load_expert(config)?;
     let (embeddings, _) = embed_cached(&expert, &set, &config.cache_dir)?;
     let dim = expert.dim();
     Ok((
@@ -127,6 +134,61 @@ impl LocalData {
             .indices
             .clone();
         let (features, sha) = embed(split.train, embed_config)?;
+        Ok(Self {
+            features: Arc::new(features),
+            indices,
+            common_expert_sha256: Some(sha),
+            class_names: None,
+        })
+    }
+
+    /// Unlabelled images (files, or directories searched recursively): what a new device
+    /// holds when it personalises. Embedded once through the cache; every label is 0 and
+    /// unused.
+    pub fn unlabelled(inputs: &[PathBuf], embed_config: &EmbedConfig) -> Result<Self, DataError> {
+        let files = crate::images::image_files(inputs)?;
+        let expert = load_expert(embed_config)?;
+        let embeddings =
+            crate::images::embed_files(&expert, &files, Some(&embed_config.cache_dir))?;
+        Ok(Self {
+            features: Arc::new(Features {
+                embeddings,
+                dim: expert.dim(),
+                labels: vec![0; files.len()],
+                pixels: None,
+            }),
+            indices: (0..files.len()).collect(),
+            common_expert_sha256: Some(expert.model_sha256().to_string()),
+            class_names: None,
+        })
+    }
+
+    /// Zero-shot test device `index` of a partitioned dataset: the unseen devices of the
+    /// simulator's evaluation, drawn from the test split with label combinations no training
+    /// device has.
+    pub fn from_partition_test(
+        dataset: &Path,
+        partition: &PartitionConfig,
+        index: usize,
+        embed_config: &EmbedConfig,
+    ) -> Result<Self, DataError> {
+        let split = load_split(dataset)?;
+        let part = ddome_datasets::partition(
+            &split.train.labels,
+            &split.test.labels,
+            split.train.num_classes(),
+            partition,
+        )?;
+        let indices = part
+            .test
+            .get(index)
+            .ok_or(DataError::NoSuchDevice {
+                index,
+                devices: part.test.len(),
+            })?
+            .indices
+            .clone();
+        let (features, sha) = embed(split.test, embed_config)?;
         Ok(Self {
             features: Arc::new(features),
             indices,

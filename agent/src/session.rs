@@ -14,8 +14,8 @@ use ddome_protocol::PROTOCOL_VERSION;
 use ddome_protocol::codec::{CodecConfig, DecodeError, EncodeError, ErrorFeedback};
 use ddome_protocol::frame::DEFAULT_MAX_FRAME;
 use ddome_protocol::message::{
-    AgentMessage, CoordinatorMessage, ErrorCode, Hello, ModelDescription, RankRequest, Ranking,
-    TaskRole, TrainTask, Update, Welcome, WireError,
+    AgentMessage, CoordinatorMessage, ErrorCode, Hello, Intent, ModelDescription, RankRequest,
+    Ranking, TaskRole, TrainTask, Update, Welcome, WireError,
 };
 use ddome_transport::{SERVER_NAME, TransportError, read_message, within, write_message};
 
@@ -40,6 +40,8 @@ pub struct AgentConfig {
     pub max_backoff: Duration,
     /// Limit on connecting and on the coordinator's answer to `Hello`.
     pub handshake_timeout: Duration,
+    /// Limit on one personalisation-service request, from opening its stream to the answer.
+    pub request_timeout: Duration,
 }
 
 impl AgentConfig {
@@ -54,6 +56,7 @@ impl AgentConfig {
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -207,6 +210,7 @@ async fn converse(
         version: PROTOCOL_VERSION,
         device: config.device.clone(),
         credential: config.credential.clone(),
+        intent: Intent::Train,
     });
     write_message(&mut send, &hello, max).await?;
     let reply = within(
@@ -290,6 +294,13 @@ async fn converse(
             CoordinatorMessage::Welcome(_) => {
                 return Err(SessionError::Link("second welcome".into()));
             }
+            // Service answers come on streams of their own; this session asks for none.
+            other @ (CoordinatorMessage::Gate(_)
+            | CoordinatorMessage::Bundle(_)
+            | CoordinatorMessage::Predictions(_)) => {
+                tracing::warn!(device = %config.device, kind = other.kind(), "unrequested service answer");
+                None
+            }
         };
         if let Some(reply) = reply {
             write_message(&mut send, &reply, max).await?;
@@ -316,7 +327,12 @@ fn model_spec(welcome: &Welcome, data: &LocalData) -> Result<ModelSpec, AgentErr
             &m.common_expert_sha256[..12.min(m.common_expert_sha256.len())]
         )));
     }
-    Ok(ModelSpec {
+    Ok(spec_of(m))
+}
+
+/// The shapes of the model the coordinator describes (agents train and run `head` experts).
+pub(crate) fn spec_of(m: &ModelDescription) -> ModelSpec {
+    ModelSpec {
         embedding_dim: m.embedding_dim as usize,
         classes: m.classes.len(),
         experts: m.experts as usize,
@@ -325,10 +341,10 @@ fn model_spec(welcome: &Welcome, data: &LocalData) -> Result<ModelSpec, AgentErr
             hidden: m.expert_hidden as usize,
         },
         pixels: None,
-    })
+    }
 }
 
-fn gate_len(spec: &ModelSpec) -> usize {
+pub(crate) fn gate_len(spec: &ModelSpec) -> usize {
     ddome_models::params::flatten(&spec.gate(&cpu_device())).len()
 }
 

@@ -1,6 +1,6 @@
 //! The federation a coordinator runs, as written in its TOML config.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ddome_models::{ExpertKind, ModelSpec, TrainConfig};
 use ddome_protocol::SelectionConfig;
@@ -132,6 +132,122 @@ fn default_embedding_dim() -> usize {
 }
 fn default_hidden() -> usize {
     256
+}
+
+/// The personalisation service (`[inference]` in the TOML). Every field has a default, so
+/// the table may be left out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferenceConfig {
+    /// Keep serving `personalize` and `infer` after the last round, until shut down.
+    /// Default false: `serve` returns when the federation finishes.
+    pub keep_serving: bool,
+    /// Most samples (embeddings or images) in one infer request. Default 1024, the
+    /// simulator's prediction batch.
+    pub max_batch: usize,
+    /// Requests one connection may have in progress; its further streams wait unread.
+    /// Default 8.
+    pub max_requests_per_connection: usize,
+    /// Requests computed at once over all connections; 0 (the default) means one per CPU
+    /// core. The rest queue.
+    pub max_concurrent_requests: usize,
+    /// Seconds a request may queue for a compute slot before it is refused as overloaded.
+    /// Default 30.
+    pub queue_timeout_secs: f64,
+    /// The common expert (ONNX) that embeds raw images sent by devices that cannot run it.
+    /// Default none: image requests are refused as unavailable.
+    pub common_expert: Option<PathBuf>,
+    /// Side of the square input the common expert resizes images to. Default 64.
+    pub input_side: usize,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        Self {
+            keep_serving: false,
+            max_batch: 1024,
+            max_requests_per_connection: 8,
+            max_concurrent_requests: 0,
+            queue_timeout_secs: 30.0,
+            common_expert: None,
+            input_side: 64,
+        }
+    }
+}
+
+impl InferenceConfig {
+    /// Checks the limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_batch == 0 || self.max_requests_per_connection == 0 {
+            return Err(ConfigError::Invalid(
+                "inference.max_batch and inference.max_requests_per_connection must be positive"
+                    .into(),
+            ));
+        }
+        if !(self.queue_timeout_secs.is_finite() && self.queue_timeout_secs > 0.0) {
+            return Err(ConfigError::Invalid(format!(
+                "inference.queue_timeout_secs must be positive, got {}",
+                self.queue_timeout_secs
+            )));
+        }
+        if self.input_side == 0 || !self.input_side.is_multiple_of(32) {
+            return Err(ConfigError::Invalid(format!(
+                "inference.input_side must be a positive multiple of 32, got {}",
+                self.input_side
+            )));
+        }
+        Ok(())
+    }
+
+    /// Compute slots: the configured number, or one per CPU core.
+    pub fn compute_slots(&self) -> usize {
+        match self.max_concurrent_requests {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+/// Everything `serve` reads from its TOML file: the federation, and the optional
+/// `[inference]` table of the personalisation service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServeConfig {
+    /// The federation.
+    pub federation: FederationConfig,
+    /// The personalisation service.
+    pub inference: InferenceConfig,
+}
+
+impl ServeConfig {
+    /// Reads and checks a TOML file. Unknown fields are refused in both parts.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let parse = |source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source: Box::new(source),
+        };
+        let mut table: toml::Table = text.parse().map_err(parse)?;
+        let (federation, inference) = match table.remove("inference") {
+            // Without the table, parse the text itself so errors keep their line numbers.
+            None => (
+                toml::from_str::<FederationConfig>(&text).map_err(parse)?,
+                InferenceConfig::default(),
+            ),
+            Some(inference) => (
+                table.try_into::<FederationConfig>().map_err(parse)?,
+                inference.try_into::<InferenceConfig>().map_err(parse)?,
+            ),
+        };
+        federation.validate()?;
+        inference.validate()?;
+        Ok(Self {
+            federation,
+            inference,
+        })
+    }
 }
 
 /// A config that cannot run.
@@ -312,6 +428,43 @@ mod tests {
         let fedavg =
             parse("rounds = 1\nmethod = \"fedavg\"\n[model]\nclasses = [\"a\", \"b\"]\n").unwrap();
         assert_eq!((fedavg.model_experts(), fedavg.has_gate()), (1, false));
+    }
+
+    fn parse_serve(text: &str) -> Result<ServeConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.toml");
+        std::fs::write(&path, text).unwrap();
+        ServeConfig::load(&path)
+    }
+
+    #[test]
+    fn the_inference_table_is_optional_and_checked() {
+        let base = "rounds = 3\n[model]\nclasses = [\"a\", \"b\"]\n";
+        let plain = parse_serve(base).unwrap();
+        assert_eq!(plain.inference, InferenceConfig::default());
+        assert_eq!(plain.federation.rounds, 3);
+        let with = parse_serve(&format!(
+            "{base}[inference]\nkeep_serving = true\nmax_batch = 16\ncommon_expert = \"m.onnx\"\n"
+        ))
+        .unwrap();
+        assert!(with.inference.keep_serving);
+        assert_eq!(with.inference.max_batch, 16);
+        assert_eq!(with.inference.common_expert, Some(PathBuf::from("m.onnx")));
+        assert_eq!(with.federation, plain.federation);
+        for (text, needle) in [
+            (format!("{base}[inference]\nmax_btch = 3\n"), "max_btch"),
+            (format!("{base}[inference]\nmax_batch = 0\n"), "max_batch"),
+            (format!("rouns = 1\n{base}[inference]\n"), "rouns"),
+            (
+                format!("{base}[inference]\ninput_side = 50\n"),
+                "input_side",
+            ),
+        ] {
+            let err = parse_serve(&text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+        }
+        // The federation-only loader still refuses the table it does not know.
+        assert!(parse(&format!("{base}[inference]\n")).is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ddome_coordinator::StateDir;
-use ddome_coordinator::config::FederationConfig;
+use ddome_coordinator::config::ServeConfig;
 
 /// The ddome coordinator: federation server and its admin commands.
 #[derive(Debug, Parser)]
@@ -47,16 +47,22 @@ enum Command {
         device: String,
     },
     /// Run the federation: listen for agents over QUIC and run the configured rounds,
-    /// resuming from the state directory's last committed round.
+    /// resuming from the state directory's last committed round, while serving zero-shot
+    /// personalisation and inference to enrolled devices.
     Serve {
         /// State directory.
         dir: PathBuf,
-        /// The federation's TOML config (M, K, anchors, rounds, deadline, codec, model).
+        /// The federation's TOML config (M, K, anchors, rounds, deadline, codec, model, and
+        /// the optional [inference] table).
         #[arg(long)]
         config: PathBuf,
         /// UDP address to listen on.
         #[arg(long, default_value = "0.0.0.0:4433")]
         listen: SocketAddr,
+        /// Keep serving personalisation and inference after the last round, until
+        /// interrupted (Ctrl-C or SIGTERM); overrides `inference.keep_serving`.
+        #[arg(long)]
+        keep_serving: bool,
     },
     /// Show rounds, devices and failures.
     Status {
@@ -130,13 +136,20 @@ fn run(command: Command) -> anyhow::Result<()> {
             dir,
             config,
             listen,
+            keep_serving,
         } => {
-            let federation = FederationConfig::load(&config)?;
+            let ServeConfig {
+                federation,
+                mut inference,
+            } = ServeConfig::load(&config)?;
+            inference.keep_serving |= keep_serving;
             let (store, identity) = open(&dir)?.into_parts();
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let report = runtime.block_on(async {
-                let server =
-                    ddome_coordinator::server::start(store, &identity, federation, listen).await?;
+                let server = ddome_coordinator::server::start_with(
+                    store, &identity, federation, inference, listen,
+                )
+                .await?;
                 // The bound address on stdout, so scripts (and tests) can use port 0.
                 println!("listening {}", server.local_addr);
                 eprintln!(
@@ -144,6 +157,12 @@ fn run(command: Command) -> anyhow::Result<()> {
                     server.local_addr,
                     identity.fingerprint()
                 );
+                let shutdown = server.shutdown_trigger();
+                tokio::spawn(async move {
+                    interrupted().await;
+                    eprintln!("interrupted; shutting down");
+                    shutdown.trigger();
+                });
                 server.finished().await
             })?;
             eprintln!(
@@ -163,6 +182,30 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM; never if neither can be listened for.
+async fn interrupted() {
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => {
+            if result.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        () = terminate => {}
+    }
 }
 
 fn open(dir: &std::path::Path) -> anyhow::Result<StateDir> {

@@ -5,6 +5,12 @@
 //! by the federation task, one event at a time, so there is no shared mutable model. An
 //! update is acknowledged only after it is committed to the store; a new global model is
 //! committed before the next round begins.
+//!
+//! Every authenticated connection may also use the personalisation service
+//! ([`crate::service`]) on streams of its own; devices that say `Hello` with
+//! [`Intent::Serve`] use only the service and are never scheduled into a round. With
+//! [`InferenceConfig::keep_serving`] the service outlives the last round until
+//! [`ServerHandle::shutdown`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -16,21 +22,25 @@ use ddome_protocol::PROTOCOL_VERSION;
 use ddome_protocol::codec::{DecodeError, EncodedDelta, encode};
 use ddome_protocol::frame::FrameError;
 use ddome_protocol::message::{
-    AgentMessage, CoordinatorMessage, ErrorCode, RankRequest, TaskRole, TrainTask, Update, Welcome,
-    WireError,
+    AgentMessage, CoordinatorMessage, ErrorCode, Intent, RankRequest, TaskRole, TrainTask, Update,
+    Welcome, WireError,
 };
 use ddome_protocol::round::{Part, Progress, Round, RoundConfig, RoundKind, Step, local_seed};
 use ddome_transport::{Identity, TransportError, read_message, within, write_message};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::config::FederationConfig;
+use crate::config::{ConfigError, FederationConfig, InferenceConfig};
+use crate::service::{Service, ServiceSetupError, ServingModel};
 use crate::store::{DeviceRecord, Store};
 
 /// Limit on the TLS handshake and on the agent's `Hello`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a closing connection may take to deliver its last frames.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a service stream may take to deliver its request once accepted: a slow peer
+/// holds one of its connection's request slots at most this long.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why `serve` stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +57,12 @@ pub enum ServeError {
     /// The round could not be filled from the enrolled devices.
     #[error("{0}")]
     Selection(#[from] ddome_protocol::SelectionError),
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The personalisation service could not be set up.
+    #[error("personalisation service: {0}")]
+    Service(#[from] ServiceSetupError),
 }
 
 /// What a finished `serve` did.
@@ -74,10 +90,23 @@ pub struct ServerHandle {
     pub local_addr: SocketAddr,
     task: tokio::task::JoinHandle<Result<ServeReport, ServeError>>,
     progress: tokio::sync::watch::Receiver<ServerProgress>,
+    stop: Shutdown,
+}
+
+/// Stops a running server from another task (a signal handler) while `finished` is awaited.
+#[derive(Debug, Clone)]
+pub struct Shutdown(Arc<watch::Sender<bool>>);
+
+impl Shutdown {
+    /// Asks the server to stop; see [`ServerHandle::shutdown`].
+    pub fn trigger(&self) {
+        self.0.send_replace(true);
+    }
 }
 
 impl ServerHandle {
-    /// Waits until every configured round is done.
+    /// Waits until every configured round is done (and, with `keep_serving`, until
+    /// [`ServerHandle::shutdown`]).
     pub async fn finished(self) -> Result<ServeReport, ServeError> {
         match self.task.await {
             Ok(result) => result,
@@ -88,6 +117,17 @@ impl ServerHandle {
     /// Progress updates: wait on them instead of polling.
     pub fn progress(&self) -> tokio::sync::watch::Receiver<ServerProgress> {
         self.progress.clone()
+    }
+
+    /// Asks the server to stop: the round in progress is left to resume on restart,
+    /// connected devices are told the federation is finished, and `finished` returns.
+    pub fn shutdown(&self) {
+        self.stop.trigger();
+    }
+
+    /// A handle that stops the server from elsewhere.
+    pub fn shutdown_trigger(&self) -> Shutdown {
+        self.stop.clone()
     }
 
     /// Stops everything at once, mid-round if need be, the way a crash would (minus the
@@ -105,13 +145,27 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Opens the endpoint and runs the federation in the background.
+/// Opens the endpoint and runs the federation in the background, with the personalisation
+/// service's default limits.
 pub async fn start(
     store: Store,
     identity: &Identity,
     config: FederationConfig,
     listen: SocketAddr,
 ) -> Result<ServerHandle, ServeError> {
+    start_with(store, identity, config, InferenceConfig::default(), listen).await
+}
+
+/// Opens the endpoint and runs the federation and the personalisation service in the
+/// background.
+pub async fn start_with(
+    store: Store,
+    identity: &Identity,
+    config: FederationConfig,
+    inference: InferenceConfig,
+    listen: SocketAddr,
+) -> Result<ServerHandle, ServeError> {
+    inference.validate()?;
     let endpoint = ddome_transport::server(identity, listen)?;
     let local_addr =
         endpoint
@@ -122,12 +176,29 @@ pub async fn start(
             })?;
     let store = Arc::new(Mutex::new(store));
     let federation = Federation::load(Arc::clone(&store), config)?;
+    let keep_serving = inference.keep_serving;
+    let service = Arc::new(Service::new(
+        Arc::clone(&store),
+        &federation.config,
+        inference,
+        federation.serving.subscribe(),
+    )?);
     let progress = federation.progress.subscribe();
-    let task = tokio::spawn(run(endpoint, store, federation));
+    let (stop, stop_rx) = watch::channel(false);
+    let stop = Shutdown(Arc::new(stop));
+    let task = tokio::spawn(run(
+        endpoint,
+        store,
+        service,
+        federation,
+        keep_serving,
+        stop_rx,
+    ));
     Ok(ServerHandle {
         local_addr,
         task,
         progress,
+        stop,
     })
 }
 
@@ -156,18 +227,65 @@ enum Outgoing {
     Close,
 }
 
+/// What every connection task holds.
+#[derive(Clone)]
+struct Shared {
+    store: Arc<Mutex<Store>>,
+    /// To the federation task.
+    events: mpsc::Sender<Event>,
+    service: Arc<Service>,
+    /// Becomes true when the server stops.
+    closing: watch::Receiver<bool>,
+    max_frame: usize,
+}
+
+impl Shared {
+    fn record_failure(&self, device: Option<u64>, code: ErrorCode, detail: &str) {
+        let outcome = blocking(|| {
+            self.store
+                .lock()
+                .expect("store lock is never poisoned")
+                .record_failure(device, code.name(), detail)
+        });
+        if let Err(e) = outcome {
+            tracing::error!(error = %e, "cannot record a failure");
+        }
+    }
+}
+
 async fn run(
     endpoint: quinn::Endpoint,
     store: Arc<Mutex<Store>>,
+    service: Arc<Service>,
     mut federation: Federation,
+    keep_serving: bool,
+    mut stop: watch::Receiver<bool>,
 ) -> Result<ServeReport, ServeError> {
     let (events_tx, mut events) = mpsc::channel::<Event>(1024);
+    let (closing_tx, closing) = watch::channel(false);
+    let shared = Shared {
+        store,
+        events: events_tx,
+        service,
+        closing,
+        max_frame: federation.config.max_frame,
+    };
     let mut connections = JoinSet::new();
-    let max_frame = federation.config.max_frame;
     let mut next_connection = 0u64;
+    let mut said_goodbye = false;
     let result = loop {
         if federation.is_done() {
-            break Ok(federation.report());
+            if !keep_serving {
+                break Ok(federation.report());
+            }
+            if !said_goodbye {
+                federation.say_goodbye();
+                said_goodbye = true;
+                tracing::info!(
+                    rounds = federation.rounds_completed,
+                    "federation finished; serving personalisation until shut down"
+                );
+            }
         }
         if let Err(e) = blocking(|| federation.maybe_start_round()) {
             break Err(e);
@@ -177,13 +295,7 @@ async fn run(
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break Ok(federation.report()) };
                 next_connection += 1;
-                connections.spawn(connection(
-                    incoming,
-                    next_connection,
-                    Arc::clone(&store),
-                    events_tx.clone(),
-                    max_frame,
-                ));
+                connections.spawn(connection(incoming, next_connection, shared.clone()));
             }
             Some(event) = events.recv() => {
                 if let Err(e) = blocking(|| federation.on_event(event)) {
@@ -196,9 +308,16 @@ async fn run(
                 }
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            () = stopped(&mut stop) => {
+                tracing::info!("shutting down");
+                break Ok(federation.report());
+            }
         }
     };
-    federation.say_goodbye();
+    if !said_goodbye {
+        federation.say_goodbye();
+    }
+    closing_tx.send_replace(true);
     // Let writers deliver `Finished`, then close.
     let _ = tokio::time::timeout(FLUSH_TIMEOUT, async {
         while connections.join_next().await.is_some() {}
@@ -208,10 +327,18 @@ async fn run(
     result
 }
 
+/// Resolves once the handle asked to stop. A dropped handle never stops the server: it runs
+/// on, detached, as it did before it could be stopped.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Runs synchronous work (SQLite commits that wait for the disk, decoding, aggregation)
 /// without stalling the connections' tasks: on a multi-threaded runtime the worker first
 /// hands its other tasks over, so acknowledgements keep flowing and peers do not resend.
-fn blocking<T>(work: impl FnOnce() -> T) -> T {
+pub(crate) fn blocking<T>(work: impl FnOnce() -> T) -> T {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
@@ -226,14 +353,9 @@ async fn sleep_opt(duration: Option<Duration>) {
     }
 }
 
-/// One device connection: handshake, then frames in both directions until either side ends.
-async fn connection(
-    incoming: quinn::Incoming,
-    id: u64,
-    store: Arc<Mutex<Store>>,
-    events: mpsc::Sender<Event>,
-    max_frame: usize,
-) {
+/// One device connection: handshake, then the training session or the service session
+/// the device asked for in its `Hello`.
+async fn connection(incoming: quinn::Incoming, id: u64, shared: Shared) {
     let Ok(Ok(conn)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await else {
         return;
     };
@@ -242,19 +364,13 @@ async fn connection(
     else {
         return;
     };
-    let record_failure = |device: Option<u64>, code: ErrorCode, detail: &str| {
-        let mut store = store.lock().expect("store lock is never poisoned");
-        if let Err(e) = store.record_failure(device, code.name(), detail) {
-            tracing::error!(error = %e, "cannot record a failure");
-        }
-    };
-
+    let max_frame = shared.max_frame;
     let hello = within(
         HANDSHAKE_TIMEOUT,
         read_message::<AgentMessage>(&mut recv, max_frame),
     )
     .await;
-    let device = match hello {
+    let refusal = match hello {
         Ok(Some(AgentMessage::Hello(hello))) => {
             if hello.version != PROTOCOL_VERSION {
                 let e = WireError::new(
@@ -264,65 +380,88 @@ async fn connection(
                         hello.version
                     ),
                 );
-                record_failure(None, e.code, &format!("{}: {}", hello.device, e.message));
-                refuse(&mut send, e, max_frame).await;
-                close_after_flush(send, &conn).await;
-                return;
-            }
-            let auth = blocking(|| {
-                store
-                    .lock()
-                    .expect("store lock is never poisoned")
-                    .authenticate(&hello.device, &hello.credential)
-            });
-            match auth {
-                Ok(device) => device,
-                Err(e) => {
-                    // The peer learns only that it is refused, not whether the name exists.
-                    record_failure(
-                        None,
-                        ErrorCode::Unauthenticated,
-                        &format!("{:?}: {e}", hello.device),
-                    );
-                    refuse(
-                        &mut send,
+                let detail = format!("{}: {}", hello.device, e.message);
+                shared.record_failure(None, e.code, &detail);
+                e
+            } else {
+                let auth = blocking(|| {
+                    shared
+                        .store
+                        .lock()
+                        .expect("store lock is never poisoned")
+                        .authenticate(&hello.device, &hello.credential)
+                });
+                match auth {
+                    Ok(device) => {
+                        match hello.intent {
+                            Intent::Train => {
+                                train_session(conn, id, device, send, recv, shared).await;
+                            }
+                            Intent::Serve => {
+                                serve_session(conn, device, send, recv, shared).await;
+                            }
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        // The peer learns only that it is refused, not whether the name exists.
+                        shared.record_failure(
+                            None,
+                            ErrorCode::Unauthenticated,
+                            &format!("{:?}: {e}", hello.device),
+                        );
                         WireError::new(
                             ErrorCode::Unauthenticated,
                             "unknown device or bad credential",
-                        ),
-                        max_frame,
-                    )
-                    .await;
-                    close_after_flush(send, &conn).await;
-                    return;
+                        )
+                    }
                 }
             }
         }
         Ok(Some(other)) => {
-            let e = WireError::new(
-                ErrorCode::UnexpectedMessage,
-                format!("expected hello, got {}", other.kind()),
-            );
-            record_failure(None, e.code, &e.message);
-            refuse(&mut send, e, max_frame).await;
-            close_after_flush(send, &conn).await;
-            return;
+            // A service request before any `Hello` comes from a caller nobody authenticated.
+            let e = if other.is_service_request() {
+                WireError::new(
+                    ErrorCode::Unauthenticated,
+                    format!("{} before hello: authenticate first", other.kind()),
+                )
+            } else {
+                WireError::new(
+                    ErrorCode::UnexpectedMessage,
+                    format!("expected hello, got {}", other.kind()),
+                )
+            };
+            shared.record_failure(None, e.code, &e.message);
+            e
         }
         Ok(None) => return,
         Err(TransportError::Frame(e)) => {
             let e = frame_error(&e);
-            record_failure(None, e.code, &e.message);
-            refuse(&mut send, e, max_frame).await;
-            close_after_flush(send, &conn).await;
-            return;
+            shared.record_failure(None, e.code, &e.message);
+            e
         }
         Err(_) => return,
     };
+    refuse(&mut send, refusal, max_frame).await;
+    close_after_flush(send, &conn).await;
+}
+
+/// A device that trains: it joins the federation, which drives the first stream; its
+/// service requests are answered beside it.
+async fn train_session(
+    conn: quinn::Connection,
+    id: u64,
+    device: DeviceRecord,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    shared: Shared,
+) {
     let device_id = device.id;
+    let events = shared.events.clone();
     let (outbox, mut queue) = mpsc::unbounded_channel();
     if events
         .send(Event::Joined {
-            device,
+            device: device.clone(),
             connection: id,
             outbox: outbox.clone(),
         })
@@ -354,34 +493,52 @@ async fn connection(
         close_after_flush(send, &writer_conn).await;
     });
 
-    loop {
-        match read_message::<AgentMessage>(&mut recv, max_frame).await {
-            Ok(Some(AgentMessage::Hello(_))) => {
-                let e = WireError::new(ErrorCode::UnexpectedMessage, "second hello");
-                record_failure(Some(device_id), e.code, &e.message);
-                let _ = outbox.send(Outgoing::Message(CoordinatorMessage::Error(e)));
-            }
-            Ok(Some(message)) => {
-                let event = Event::Message {
-                    device: device_id,
-                    connection: id,
-                    message,
-                };
-                if events.send(event).await.is_err() {
+    let control = async {
+        loop {
+            match read_message::<AgentMessage>(&mut recv, shared.max_frame).await {
+                Ok(Some(AgentMessage::Hello(_))) => {
+                    let e = WireError::new(ErrorCode::UnexpectedMessage, "second hello");
+                    shared.record_failure(Some(device_id), e.code, &e.message);
+                    let _ = outbox.send(Outgoing::Message(CoordinatorMessage::Error(e)));
+                }
+                Ok(Some(message)) if message.is_service_request() => {
+                    let e = WireError::new(
+                        ErrorCode::UnexpectedMessage,
+                        format!(
+                            "{} on the training stream; service requests go on streams of \
+                             their own",
+                            message.kind()
+                        ),
+                    );
+                    shared.record_failure(Some(device_id), e.code, &e.message);
+                    let _ = outbox.send(Outgoing::Message(CoordinatorMessage::Error(e)));
+                }
+                Ok(Some(message)) => {
+                    let event = Event::Message {
+                        device: device_id,
+                        connection: id,
+                        message,
+                    };
+                    if events.send(event).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(TransportError::Frame(e)) => {
+                    // The stream is out of step after a bad frame: report it and hang up.
+                    let e = frame_error(&e);
+                    shared.record_failure(Some(device_id), e.code, &e.message);
+                    let _ = outbox.send(Outgoing::Message(CoordinatorMessage::Error(e)));
+                    let _ = outbox.send(Outgoing::Close);
                     break;
                 }
+                Err(_) => break,
             }
-            Ok(None) => break,
-            Err(TransportError::Frame(e)) => {
-                // The stream is out of step after a bad frame: report it and hang up.
-                let e = frame_error(&e);
-                record_failure(Some(device_id), e.code, &e.message);
-                let _ = outbox.send(Outgoing::Message(CoordinatorMessage::Error(e)));
-                let _ = outbox.send(Outgoing::Close);
-                break;
-            }
-            Err(_) => break,
         }
+    };
+    tokio::select! {
+        () = control => {}
+        () = serve_requests(&conn, &device, &shared) => {}
     }
     let _ = events
         .send(Event::Left {
@@ -391,6 +548,116 @@ async fn connection(
         .await;
     drop(outbox);
     let _ = writer.await;
+}
+
+/// A device that only uses the service: welcomed here, never told to the federation, so no
+/// round can select it. The first stream stays open while the device is connected.
+async fn serve_session(
+    conn: quinn::Connection,
+    device: DeviceRecord,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    shared: Shared,
+) {
+    let welcome = CoordinatorMessage::Welcome(shared.service.welcome(&device));
+    if write_message(&mut send, &welcome, usize::MAX)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let touched = blocking(|| {
+        shared
+            .store
+            .lock()
+            .expect("store lock is never poisoned")
+            .touch_device(device.id, now_ms())
+    });
+    if let Err(e) = touched {
+        tracing::warn!(error = %e, "cannot record last-seen time");
+    }
+    tracing::info!(device = %device.name, "serve-only device connected");
+    let control = async {
+        while let Ok(Some(message)) =
+            read_message::<AgentMessage>(&mut recv, shared.max_frame).await
+        {
+            let e = WireError::new(
+                ErrorCode::UnexpectedMessage,
+                format!(
+                    "{} on the first stream of a serve-only connection; service requests go \
+                     on streams of their own",
+                    message.kind()
+                ),
+            );
+            shared.record_failure(Some(device.id), e.code, &e.message);
+            if write_message(&mut send, &CoordinatorMessage::Error(e), usize::MAX)
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    };
+    let mut closing = shared.closing.clone();
+    tokio::select! {
+        () = control => {}
+        () = serve_requests(&conn, &device, &shared) => {}
+        _ = closing.wait_for(|closing| *closing) => {}
+    }
+    conn.close(0u32.into(), b"bye");
+}
+
+/// Accepts the connection's service streams, at most
+/// `max_requests_per_connection` in progress: further streams wait unaccepted, held back by
+/// QUIC's flow control. Returns when the connection closes, abandoning what is in progress.
+async fn serve_requests(conn: &quinn::Connection, device: &DeviceRecord, shared: &Shared) {
+    let slots = Arc::new(Semaphore::new(shared.service.max_requests_per_connection()));
+    let mut requests = JoinSet::new();
+    loop {
+        while requests.try_join_next().is_some() {}
+        let slot = Arc::clone(&slots)
+            .acquire_owned()
+            .await
+            .expect("the per-connection semaphore is never closed");
+        let Ok((send, recv)) = conn.accept_bi().await else {
+            return;
+        };
+        let (shared, device) = (shared.clone(), device.clone());
+        requests.spawn(async move {
+            answer_stream(&shared, &device, send, recv).await;
+            drop(slot);
+        });
+    }
+}
+
+/// One service stream: one request in, one answer (or typed error) out.
+async fn answer_stream(
+    shared: &Shared,
+    device: &DeviceRecord,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let request = within(
+        REQUEST_TIMEOUT,
+        read_message::<AgentMessage>(&mut recv, shared.max_frame),
+    )
+    .await;
+    let outcome = match request {
+        Ok(Some(message)) => shared.service.answer(device, message).await,
+        Ok(None) => return,
+        Err(TransportError::Frame(e)) => Err(frame_error(&e)),
+        Err(e) => {
+            tracing::debug!(device = %device.name, error = %e, "service stream abandoned");
+            return;
+        }
+    };
+    let reply = outcome.unwrap_or_else(|error| {
+        shared.service.record(Some(device.id), &error);
+        CoordinatorMessage::Error(error)
+    });
+    if write_message(&mut send, &reply, usize::MAX).await.is_ok() {
+        let _ = send.finish();
+    }
 }
 
 /// Sends a refusal on a connection that is about to close; a failure to send changes nothing.
@@ -434,6 +701,8 @@ struct Federation {
     pending: BTreeMap<u64, LocalUpdate>,
     sessions: HashMap<u64, Session>,
     progress: tokio::sync::watch::Sender<ServerProgress>,
+    /// The committed global model, as the personalisation service reads it.
+    serving: watch::Sender<Arc<ServingModel>>,
 }
 
 impl Federation {
@@ -475,6 +744,10 @@ impl Federation {
                 )));
             }
             drop(guard);
+            let serving = watch::Sender::new(Arc::new(ServingModel::new(
+                rounds_completed,
+                global.clone(),
+            )));
             Self {
                 store: Arc::clone(&store),
                 config,
@@ -488,6 +761,7 @@ impl Federation {
                 pending: BTreeMap::new(),
                 sessions: HashMap::new(),
                 progress: tokio::sync::watch::Sender::new(ServerProgress::default()),
+                serving,
             }
         };
         federation.resume()?;
@@ -780,7 +1054,11 @@ impl Federation {
                         }
                     }
                     AgentMessage::Update(update) => self.on_update(device, update)?,
-                    AgentMessage::Hello(_) => {}
+                    // Connection tasks answer these themselves and never forward them.
+                    AgentMessage::Hello(_)
+                    | AgentMessage::GetGate
+                    | AgentMessage::Personalize(_)
+                    | AgentMessage::Infer(_) => {}
                 }
             }
         }
@@ -943,6 +1221,8 @@ impl Federation {
                     ?stragglers,
                     "round complete"
                 );
+                self.serving
+                    .send_replace(Arc::new(ServingModel::new(done, next.clone())));
                 self.global = next;
                 self.rounds_completed = done;
                 self.round = None;

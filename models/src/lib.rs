@@ -1,6 +1,7 @@
 //! DDOME's learning engine: the frozen common expert ([`CommonExpert`], ONNX through tract),
 //! the gate and experts as burn modules ([`ModelSpec`]), the mixture losses and zero-shot
-//! prediction, local training ([`train_local`]) and FedAvg aggregation ([`aggregate_round`]).
+//! prediction ([`predict`], and [`Mixture`] for rows of embeddings), local training
+//! ([`train_local`]) and FedAvg aggregation ([`aggregate_round`]).
 //!
 //! Each algorithm lives here once; the simulator, the agent and the coordinator call it.
 
@@ -8,6 +9,7 @@ mod aggregate;
 mod backend;
 mod common_expert;
 mod features;
+mod mixture;
 mod moe;
 mod nn;
 pub mod params;
@@ -17,6 +19,7 @@ pub use aggregate::{AggregateError, GlobalModel, aggregate_round, check_delta, f
 pub use backend::cpu_device;
 pub use common_expert::{CommonExpert, CommonExpertConfig, CommonExpertError, embed_cached};
 pub use features::{Features, Pixels};
+pub use mixture::{Mixture, MixtureError, PREDICT_BATCH};
 pub use moe::{
     Predictions, anchor_loss, cross_entropy, gate_probabilities, mean_gate_scores, mixture_nll,
     predict, top_k,

@@ -124,7 +124,7 @@ pub fn mean_gate_scores(
 }
 
 /// Zero-shot predictions of one batch with a device's K experts.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Predictions {
     /// argmax f_{k*}(x) where k* = argmax over the K of the gate: the paper's rule.
     pub by_top_expert: Vec<u16>,
@@ -132,6 +132,10 @@ pub struct Predictions {
     pub top_expert: Vec<usize>,
     /// argmax of the gate-weighted mixture Σ_k g_k softmax(f_k(x)).
     pub by_mixture: Vec<u16>,
+    /// softmax(f_{k*}(x)) of the `by_top_expert` class: how sure the predicting expert is.
+    pub confidence: Vec<f32>,
+    /// The mixture's probability of the `by_mixture` class.
+    pub mixture_confidence: Vec<f32>,
 }
 
 impl Predictions {
@@ -140,6 +144,18 @@ impl Predictions {
         self.by_top_expert.extend(other.by_top_expert);
         self.top_expert.extend(other.top_expert);
         self.by_mixture.extend(other.by_mixture);
+        self.confidence.extend(other.confidence);
+        self.mixture_confidence.extend(other.mixture_confidence);
+    }
+
+    /// Number of samples predicted.
+    pub fn len(&self) -> usize {
+        self.by_top_expert.len()
+    }
+
+    /// Whether no sample was predicted.
+    pub fn is_empty(&self) -> bool {
+        self.by_top_expert.is_empty()
     }
 }
 
@@ -180,7 +196,12 @@ pub fn predict(
         });
     }
     let mixture = mixture.expect("a prediction needs at least one expert");
-    let per_expert: Vec<Vec<usize>> = probs.into_iter().map(|p| to_indices(p.argmax(1))).collect();
+    let per_expert: Vec<Vec<usize>> = probs
+        .iter()
+        .map(|p| to_indices(p.clone().argmax(1)))
+        .collect();
+    let per_expert_max: Vec<Vec<f32>> =
+        probs.into_iter().map(|p| to_floats(p.max_dim(1))).collect();
     Predictions {
         by_top_expert: top
             .iter()
@@ -188,11 +209,24 @@ pub fn predict(
             .map(|(i, &k)| per_expert[k][i] as u16)
             .collect(),
         top_expert: top.iter().map(|&k| selected[k]).collect(),
-        by_mixture: to_indices(mixture.argmax(1))
+        by_mixture: to_indices(mixture.clone().argmax(1))
             .into_iter()
             .map(|c| c as u16)
             .collect(),
+        confidence: top
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| per_expert_max[k][i])
+            .collect(),
+        mixture_confidence: to_floats(mixture.max_dim(1)),
     }
+}
+
+fn to_floats(t: Tensor<2>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("converted tensor data is f32")
 }
 
 fn to_indices(t: Tensor<2, Int>) -> Vec<usize> {
@@ -443,5 +477,11 @@ mod tests {
             assert_eq!(p.by_top_expert[i] as usize, own[i]);
         }
         assert_eq!(p.by_mixture.len(), 6);
+        for i in 0..6 {
+            let own = softmax(experts[p.top_expert[i]].forward(&input), 1);
+            let row = to_floats(own).chunks(3).nth(i).unwrap().to_vec();
+            assert_eq!(p.confidence[i], row[p.by_top_expert[i] as usize]);
+            assert!(p.mixture_confidence[i] > 1.0 / 3.0 - 1e-6 && p.mixture_confidence[i] <= 1.0);
+        }
     }
 }

@@ -144,6 +144,7 @@ mod tests {
             version: 1,
             device: "pi-17".into(),
             credential: "ddome1.secret".into(),
+            intent: crate::message::Intent::Train,
         })
     }
 

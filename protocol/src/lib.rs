@@ -4,8 +4,10 @@
 //! networked run and a simulated one agree.
 //!
 //! Entry points: [`message`] (what crosses the wire), [`frame`] (how), [`codec`] (how deltas
-//! shrink), [`round::Round`] (who takes part in a round and when it ends).
+//! shrink), [`round::Round`] (who takes part in a round and when it ends), [`bundle::Bundle`]
+//! (what a personalised device stores).
 
+pub mod bundle;
 pub mod codec;
 pub mod frame;
 pub mod message;
@@ -18,5 +20,6 @@ pub use codec::{
 };
 pub use selection::{Selection, SelectionConfig, SelectionError, select_participants};
 
-/// Version of the protocol; checked in the first exchange of every connection.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of the protocol; checked in the first exchange of every connection. Version 2
+/// added the `Hello`'s intent and the personalisation service.
+pub const PROTOCOL_VERSION: u32 = 2;

@@ -7,6 +7,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{CodecConfig, EncodedDelta};
 
+/// Why a device connects.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Intent {
+    /// Take part in training rounds when selected (and use the personalisation service).
+    #[default]
+    Train,
+    /// Only personalise and infer: such a connection is never scheduled into a round, so a
+    /// new device can fetch its experts without the federation waiting on it.
+    Serve,
+}
+
 /// The first message on every connection, agent to coordinator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
@@ -16,6 +27,8 @@ pub struct Hello {
     pub device: String,
     /// The credential issued at enrolment.
     pub credential: String,
+    /// Whether the device trains or only uses the personalisation service.
+    pub intent: Intent,
 }
 
 /// The model every participant trains, as the coordinator describes it.
@@ -145,6 +158,114 @@ pub struct Update {
     pub experts: Vec<(u32, EncodedDelta)>,
 }
 
+/// The common expert whose embeddings chose a device's experts. A bundle holds only with
+/// the same model and the same preprocessing, so both are named.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommonExpertRef {
+    /// SHA-256 of the ONNX file, 64 lower-case hex digits.
+    pub sha256: String,
+    /// Height and width images are resized to before embedding.
+    pub input_size: [u32; 2],
+}
+
+/// Coordinator to a device that asked for [`AgentMessage::GetGate`]: what it needs to rank
+/// the experts on its own unlabelled data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GateOffer {
+    /// Rounds folded into the global model the gate comes from.
+    pub round: u64,
+    /// SHA-256 of that global model's parameters.
+    pub model_sha256: String,
+    /// The model.
+    pub model: ModelDescription,
+    /// The gate W_r, always lossless: the device's ranking must be the simulator's.
+    pub gate: EncodedDelta,
+}
+
+/// A device's zero-shot choice of experts, computed on the device from unlabelled data:
+/// the top-K of its mean gate scores under the gate of `round`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersonalizeRequest {
+    /// Round of the [`GateOffer`] the scores were computed with.
+    pub round: u64,
+    /// The chosen experts, best first: the top-K of `scores`.
+    pub experts: Vec<u32>,
+    /// Mean gate probability of every expert over the device's samples (M values).
+    pub scores: Vec<f32>,
+    /// Samples the scores average over.
+    pub samples: u64,
+    /// The common expert that embedded those samples.
+    pub common_expert: CommonExpertRef,
+}
+
+/// A model bundle (see `docs/bundle.md`): the bytes to store, and the SHA-256 their header
+/// must carry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BundleReply {
+    /// SHA-256 of the bundle's payload, hex.
+    pub sha256: String,
+    /// The encoded bundle ([`crate::bundle::Bundle::encode`]).
+    pub bytes: Vec<u8>,
+}
+
+/// What an infer request predicts on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum InferInput {
+    /// Common-expert embeddings, row-major, `dim` values per sample.
+    Embeddings {
+        /// Width of each row; must be the model's embedding width.
+        dim: u32,
+        /// The rows.
+        values: Vec<f32>,
+    },
+    /// Raw images (u8, HWC, one shape for the batch), for a device that cannot run the
+    /// common expert: the coordinator embeds them.
+    Images {
+        /// Rows of pixels.
+        height: u32,
+        /// Columns.
+        width: u32,
+        /// 1 (grey) or 3 (RGB).
+        channels: u32,
+        /// Image after image.
+        pixels: Vec<u8>,
+    },
+}
+
+/// Predict a batch with the given experts of the coordinator's current global model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferRequest {
+    /// The device's experts (from its personalisation), best first.
+    pub experts: Vec<u32>,
+    /// The batch.
+    pub input: InferInput,
+}
+
+/// One sample's prediction.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    /// The class predicted by the expert the gate ranks first among the device's (the
+    /// paper's rule).
+    pub class: u16,
+    /// That expert's global index.
+    pub expert: u32,
+    /// That expert's softmax probability of `class`.
+    pub confidence: f32,
+    /// The class of the gate-weighted mixture of the device's experts.
+    pub mixture_class: u16,
+    /// The mixture's probability of `mixture_class`.
+    pub mixture_confidence: f32,
+}
+
+/// Predictions of one infer request, in input order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferReply {
+    /// Rounds folded into the global model that predicted.
+    pub round: u64,
+    /// One per sample.
+    pub predictions: Vec<Prediction>,
+}
+
 /// Why the coordinator refused something. Sent to the peer; also counted in `status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ErrorCode {
@@ -170,6 +291,20 @@ pub enum ErrorCode {
     NotSelected,
     /// The coordinator failed internally (its state is unchanged).
     Internal,
+    /// A request names an expert the model does not have.
+    UnknownExpert,
+    /// An infer request holds more samples than the coordinator's limit.
+    OversizedBatch,
+    /// A request whose fields contradict each other (duplicate experts, experts that are
+    /// not the top-K of the scores sent with them).
+    InvalidRequest,
+    /// The device's embeddings come from another common expert than the federation's.
+    CommonExpertMismatch,
+    /// The coordinator cannot serve this (no gate to personalise with, or no common
+    /// expert to embed raw images with).
+    Unavailable,
+    /// Every compute slot stayed busy past the queue limit; try again later.
+    Overloaded,
 }
 
 impl ErrorCode {
@@ -187,6 +322,12 @@ impl ErrorCode {
             ErrorCode::DuplicateUpdate => "duplicate_update",
             ErrorCode::NotSelected => "not_selected",
             ErrorCode::Internal => "internal",
+            ErrorCode::UnknownExpert => "unknown_expert",
+            ErrorCode::OversizedBatch => "oversized_batch",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::CommonExpertMismatch => "common_expert_mismatch",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Overloaded => "overloaded",
         }
     }
 }
@@ -212,6 +353,10 @@ impl WireError {
 }
 
 /// Agent to coordinator.
+///
+/// `Hello`, `Ranking` and `Update` travel on the connection's first stream. The service
+/// requests (`GetGate`, `Personalize`, `Infer`) each open a stream of their own after the
+/// `Hello`, carry one request and get one answer, so requests run concurrently.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AgentMessage {
     /// First message: version and credentials.
@@ -220,6 +365,12 @@ pub enum AgentMessage {
     Ranking(Ranking),
     /// Result of a [`TrainTask`].
     Update(Update),
+    /// Service: send me the current gate and model description ([`GateOffer`]).
+    GetGate,
+    /// Service: send me the bundle of these experts ([`BundleReply`]).
+    Personalize(PersonalizeRequest),
+    /// Service: predict this batch ([`InferReply`]).
+    Infer(InferRequest),
 }
 
 /// Coordinator to agent.
@@ -243,6 +394,12 @@ pub enum CoordinatorMessage {
     },
     /// Something the agent sent was refused.
     Error(WireError),
+    /// Answer to [`AgentMessage::GetGate`].
+    Gate(GateOffer),
+    /// Answer to [`AgentMessage::Personalize`].
+    Bundle(BundleReply),
+    /// Answer to [`AgentMessage::Infer`].
+    Predictions(InferReply),
 }
 
 impl AgentMessage {
@@ -252,7 +409,18 @@ impl AgentMessage {
             AgentMessage::Hello(_) => "hello",
             AgentMessage::Ranking(_) => "ranking",
             AgentMessage::Update(_) => "update",
+            AgentMessage::GetGate => "get_gate",
+            AgentMessage::Personalize(_) => "personalize",
+            AgentMessage::Infer(_) => "infer",
         }
+    }
+
+    /// Whether this is a service request, which travels on a stream of its own.
+    pub fn is_service_request(&self) -> bool {
+        matches!(
+            self,
+            AgentMessage::GetGate | AgentMessage::Personalize(_) | AgentMessage::Infer(_)
+        )
     }
 }
 
@@ -266,6 +434,9 @@ impl CoordinatorMessage {
             CoordinatorMessage::UpdateAccepted { .. } => "update_accepted",
             CoordinatorMessage::Finished { .. } => "finished",
             CoordinatorMessage::Error(_) => "error",
+            CoordinatorMessage::Gate(_) => "gate",
+            CoordinatorMessage::Bundle(_) => "bundle",
+            CoordinatorMessage::Predictions(_) => "predictions",
         }
     }
 }

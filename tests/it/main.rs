@@ -3,6 +3,7 @@
 mod common_expert;
 mod learning;
 mod network;
+mod personalize;
 
 use std::path::PathBuf;
 

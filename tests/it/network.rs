@@ -21,7 +21,7 @@ use ddome_models::{
     CommonExpert, CommonExpertConfig, ExpertKind, Features, GlobalModel, TrainConfig, embed_cached,
 };
 use ddome_protocol::codec::CodecConfig;
-use ddome_protocol::message::{AgentMessage, CoordinatorMessage, ErrorCode, Hello};
+use ddome_protocol::message::{AgentMessage, CoordinatorMessage, ErrorCode, Hello, Intent};
 use ddome_protocol::round::RoundKind;
 use ddome_protocol::{PROTOCOL_VERSION, Selection, SelectionConfig, select_participants};
 use ddome_tools::simulate::{self, Method, SimConfig};
@@ -29,25 +29,25 @@ use ddome_tools::simulate::{self, Method, SimConfig};
 use crate::{common_expert_onnx, root};
 
 /// Anchors (= experts) and normal devices of the test fleet.
-const ANCHORS: usize = 3;
-const NORMALS: usize = 3;
-const SEED: u64 = 5;
+pub(crate) const ANCHORS: usize = 3;
+pub(crate) const NORMALS: usize = 3;
+pub(crate) const SEED: u64 = 5;
 /// Local epochs: with 200 samples a device makes one SGD step per epoch, and a few rounds of
 /// single steps barely move the experts; five epochs let a short test learn.
-const LOCAL_EPOCHS: usize = 5;
+pub(crate) const LOCAL_EPOCHS: usize = 5;
 /// No await in these tests may hang: everything runs under this limit.
-const LIMIT: Duration = Duration::from_secs(300);
+pub(crate) const LIMIT: Duration = Duration::from_secs(300);
 
 /// A slice of real CIFAR-10 (every 25th training image, every 20th test image) seen through
 /// the real common expert at 64×64, and its partition over the fleet.
-struct RealData {
-    train: Arc<Features>,
-    test: Features,
-    classes: Vec<String>,
-    partition: Partition,
+pub(crate) struct RealData {
+    pub(crate) train: Arc<Features>,
+    pub(crate) test: Features,
+    pub(crate) classes: Vec<String>,
+    pub(crate) partition: Partition,
 }
 
-fn real_data() -> &'static RealData {
+pub(crate) fn real_data() -> &'static RealData {
     static DATA: OnceLock<RealData> = OnceLock::new();
     DATA.get_or_init(|| {
         let split = load_split(&root().join("data/cifar10-jpeg"))
@@ -98,7 +98,7 @@ fn real_data() -> &'static RealData {
     })
 }
 
-fn federation(rounds: u64, codec: CodecConfig) -> FederationConfig {
+pub(crate) fn federation(rounds: u64, codec: CodecConfig) -> FederationConfig {
     let paper = TrainConfig::default();
     FederationConfig {
         method: RoundKind::Ddome,
@@ -132,7 +132,7 @@ fn federation(rounds: u64, codec: CodecConfig) -> FederationConfig {
 }
 
 /// The simulator's config for the same federation.
-fn simulation(rounds: u64) -> SimConfig {
+pub(crate) fn simulation(rounds: u64) -> SimConfig {
     SimConfig {
         method: Method::Ddome,
         experts: ANCHORS,
@@ -155,7 +155,7 @@ fn simulation(rounds: u64) -> SimConfig {
 
 /// A state directory with the fleet enrolled (device i = partition device i, anchors first):
 /// returns the device names and credentials.
-fn enrolled(dir: &Path) -> Vec<(String, String)> {
+pub(crate) fn enrolled(dir: &Path) -> Vec<(String, String)> {
     let mut state = StateDir::init(dir).unwrap();
     (0..ANCHORS + NORMALS)
         .map(|i| {
@@ -173,11 +173,16 @@ async fn serve(dir: &Path, config: FederationConfig, addr: SocketAddr) -> Server
     start(store, &identity, config, addr).await.unwrap()
 }
 
-fn fingerprint(dir: &Path) -> String {
+pub(crate) fn fingerprint(dir: &Path) -> String {
     StateDir::open(dir).unwrap().identity().fingerprint()
 }
 
-fn agent_config(addr: SocketAddr, fingerprint: &str, name: &str, credential: &str) -> AgentConfig {
+pub(crate) fn agent_config(
+    addr: SocketAddr,
+    fingerprint: &str,
+    name: &str,
+    credential: &str,
+) -> AgentConfig {
     let mut config = AgentConfig::new(addr, fingerprint, name, credential);
     config.initial_backoff = Duration::from_millis(20);
     config.max_backoff = Duration::from_millis(500);
@@ -195,7 +200,7 @@ fn local_data(device: usize) -> LocalData {
 }
 
 /// Spawns an agent for each of `devices`.
-fn spawn_agents(
+pub(crate) fn spawn_agents(
     addr: SocketAddr,
     fingerprint: &str,
     credentials: &[(String, String)],
@@ -212,7 +217,7 @@ fn spawn_agents(
         .collect()
 }
 
-async fn join_agents(
+pub(crate) async fn join_agents(
     agents: Vec<tokio::task::JoinHandle<Result<AgentSummary, AgentError>>>,
 ) -> Vec<AgentSummary> {
     let mut summaries = Vec::new();
@@ -256,11 +261,11 @@ async fn networked_run_with(
     (report, final_model(dir.path()), summaries)
 }
 
-fn loopback() -> SocketAddr {
+pub(crate) fn loopback() -> SocketAddr {
     ([127, 0, 0, 1], 0).into()
 }
 
-fn final_model(dir: &Path) -> GlobalModel {
+pub(crate) fn final_model(dir: &Path) -> GlobalModel {
     let state = StateDir::open(dir).unwrap();
     let checkpoint = state.store().global_model().unwrap().unwrap();
     postcard::from_bytes(&checkpoint.blob).unwrap()
@@ -282,7 +287,7 @@ fn zero_shot(model: &GlobalModel, rounds: u64) -> f64 {
     .mean
 }
 
-fn simulated(rounds: u64) -> simulate::RunResult {
+pub(crate) fn simulated(rounds: u64) -> simulate::RunResult {
     simulated_with(&simulation(rounds))
 }
 
@@ -440,6 +445,7 @@ async fn silent_device(addr: SocketAddr, fingerprint: &str, name: &str, credenti
         version: PROTOCOL_VERSION,
         device: name.into(),
         credential: credential.into(),
+        intent: Intent::Train,
     });
     ddome_transport::write_message(&mut send, &hello, usize::MAX)
         .await
@@ -584,6 +590,7 @@ async fn hostile_participant(
         version: PROTOCOL_VERSION,
         device: name,
         credential,
+        intent: Intent::Train,
     });
     ddome_transport::write_message(&mut send, &hello, max)
         .await
@@ -716,6 +723,7 @@ async fn hostile_input_gets_typed_errors_and_everyone_else_is_served() {
         version: PROTOCOL_VERSION + 1,
         device: "dev-0".into(),
         credential: credentials[0].1.clone(),
+        intent: Intent::Train,
     });
     let mut truncated = frame(&old_hello);
     truncated.truncate(truncated.len() - 3);

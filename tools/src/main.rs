@@ -1,4 +1,5 @@
-//! `ddome`: simulate a federation, bench DDOME against its baselines, export the common expert.
+//! `ddome`: simulate a federation, bench DDOME against its baselines and its inference,
+//! export the common expert.
 
 use std::fs;
 use std::io::IsTerminal;
@@ -46,6 +47,55 @@ enum BenchCommand {
     /// A coordinator and a fleet of agents on loopback QUIC: bytes per participant per round
     /// in both directions, per method and codec, with the accuracy each reaches.
     Bandwidth(BandwidthArgs),
+    /// Zero-shot inference: on-device `predict` latency and throughput, and the
+    /// coordinator's infer service under many concurrent clients on loopback QUIC.
+    Inference(InferenceArgs),
+}
+
+#[derive(Args)]
+struct InferenceArgs {
+    /// Images to predict: a directory searched recursively; the first in name order are used.
+    #[arg(long, default_value = "data/cifar10-jpeg/test")]
+    images: PathBuf,
+    /// The common expert (ONNX).
+    #[arg(long, default_value = ".cache/models/efficientnet-lite0.onnx")]
+    model: PathBuf,
+    /// Side of the common expert's square input.
+    #[arg(long, default_value_t = 64)]
+    input_side: usize,
+    /// Images predicted one at a time; the median is reported.
+    #[arg(long, default_value_t = 50)]
+    latency_images: usize,
+    /// Images per batched call.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Batched calls; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    batches: usize,
+    /// Concurrent clients of the infer service, each on its own connection.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Requests each client sends, back to back.
+    #[arg(long, default_value_t = 20)]
+    requests: usize,
+    /// Embeddings per infer request, comma-separated: one service run per value.
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    rows_per_request: Vec<usize>,
+    /// M, experts of the model.
+    #[arg(long, default_value_t = 5)]
+    experts: usize,
+    /// K, experts in a device's bundle.
+    #[arg(short, long, default_value_t = 2)]
+    k: usize,
+    /// Classes.
+    #[arg(long, default_value_t = 10)]
+    classes: usize,
+    /// Hidden width of the gate and the experts.
+    #[arg(long, default_value_t = 256)]
+    hidden: usize,
+    /// Output directory for results.json and table.md.
+    #[arg(long, default_value = "runs/bench-inference")]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -230,6 +280,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             bench: BenchCommand::Bandwidth(args),
         } => bandwidth_command(args),
+        Command::Bench {
+            bench: BenchCommand::Inference(args),
+        } => inference_command(args),
     }
 }
 
@@ -533,6 +586,42 @@ fn bandwidth_command(args: BandwidthArgs) -> Result<()> {
     let table = markdown(&results);
     write(&args.out.join("table.md"), table.clone())?;
     println!("{table}");
+    Ok(())
+}
+
+fn inference_command(args: InferenceArgs) -> Result<()> {
+    use ddome_tools::inference_bench::{InferenceBenchConfig, markdown, run};
+    if !args.model.exists() {
+        bail!(
+            "no common expert at {}: run scripts/setup.sh, or pass --model",
+            args.model.display()
+        );
+    }
+    let config = InferenceBenchConfig {
+        images: args.images,
+        model: args.model,
+        input_side: args.input_side,
+        latency_images: args.latency_images,
+        batch: args.batch,
+        batches: args.batches,
+        clients: args.clients,
+        requests: args.requests,
+        rows_per_request: args.rows_per_request,
+        experts: args.experts,
+        k: args.k,
+        classes: args.classes,
+        hidden: args.hidden,
+    };
+    let report = run(&config, std::env::args().collect::<Vec<_>>().join(" "))?;
+    fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    write(
+        &args.out.join("results.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    let table = markdown(&report);
+    write(&args.out.join("table.md"), table.clone())?;
+    println!("{table}");
+    println!("results written to {}", args.out.display());
     Ok(())
 }
 

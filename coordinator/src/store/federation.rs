@@ -99,6 +99,23 @@ impl Store {
             .optional()?)
     }
 
+    /// The checkpoint that folds in exactly `rounds_completed` rounds, if it is still kept.
+    pub fn model_at(&self, rounds_completed: u64) -> Result<Option<ModelCheckpoint>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT rounds_completed, blob FROM models WHERE rounds_completed = ?1",
+                [rounds_completed],
+                |row| {
+                    Ok(ModelCheckpoint {
+                        rounds_completed: row.get(0)?,
+                        blob: row.get(1)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
     /// Rounds completed by the newest model; 0 before any model is committed.
     pub fn rounds_completed(&self) -> Result<u64, StoreError> {
         Ok(latest_rounds_completed(&self.conn)?.unwrap_or(0))
@@ -433,6 +450,23 @@ mod tests {
         // A retried attempt of the round may select the device again.
         store.accept_update(5, 1, 0, b"retry").unwrap();
         assert_eq!(store.accepted_updates(5).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn older_checkpoints_are_found_by_round_until_pruned() {
+        let (_dir, mut store) = store_with_devices(0);
+        for round in 0..=CHECKPOINTS_KEPT {
+            store
+                .commit_model(round, format!("model {round}").as_bytes())
+                .unwrap();
+        }
+        assert_eq!(store.model_at(1).unwrap().unwrap().blob, b"model 1");
+        assert_eq!(
+            store.model_at(CHECKPOINTS_KEPT).unwrap().unwrap(),
+            store.global_model().unwrap().unwrap()
+        );
+        assert_eq!(store.model_at(0).unwrap(), None, "pruned");
+        assert_eq!(store.model_at(CHECKPOINTS_KEPT + 1).unwrap(), None);
     }
 
     #[test]

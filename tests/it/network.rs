@@ -34,7 +34,7 @@ pub(crate) const NORMALS: usize = 3;
 pub(crate) const SEED: u64 = 5;
 /// Local epochs: with 200 samples a device makes one SGD step per epoch, and a few rounds of
 /// single steps barely move the experts; five epochs let a short test learn.
-pub(crate) const LOCAL_EPOCHS: usize = 5;
+const LOCAL_EPOCHS: usize = 5;
 /// No await in these tests may hang: everything runs under this limit.
 pub(crate) const LIMIT: Duration = Duration::from_secs(300);
 

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Proves the agent built for an ARM target runs: a native coordinator serves one DDOME round
+# to two agents (an anchor and a normal device) cross-compiled for TARGET and run under
+# qemu-user. Each embeds real CIFAR-10 images with the real common expert (tract), ranks the
+# experts, trains, and uploads int8 deltas over QUIC. Then one of them fetches its
+# personalised bundle and predicts offline, still under qemu.
+#
+#   scripts/arm-smoke.sh [aarch64-unknown-linux-gnu | armv7-unknown-linux-gnueabihf]
+#
+# Needs scripts/setup.sh (data, model) and scripts/cross-setup.sh (cross gcc, qemu-user).
+set -euo pipefail
+target=${1:-aarch64-unknown-linux-gnu}
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+cargo build --locked -q -p ddome-agent --target "$target"
+cargo build --locked -q -p ddome-coordinator
+agent="target/$target/debug/ddome-agent"
+coordinator="target/debug/ddome-coordinator"
+case "$target" in
+    aarch64-*) qemu=(qemu-aarch64 -L /usr/aarch64-linux-gnu) ;;
+    armv7-*) qemu=(qemu-arm -L /usr/arm-linux-gnueabihf) ;;
+    *) echo "arm-smoke: unknown target $target" >&2; exit 2 ;;
+esac
+[[ $(readelf -h "$agent") =~ Machine:\ +(AArch64|ARM) ]] || { echo "arm-smoke: $agent is not an ARM binary" >&2; exit 1; }
+
+work=$(mktemp -d)
+server_pid=
+cleanup() { [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+
+# Two devices of 60 real images each: the anchor holds expert 0's two labels, the normal
+# device four labels.
+pick() { # device, labels...
+    local device=$1; shift
+    for label in "$@"; do
+        mkdir -p "$work/$device/$label"
+        mapfile -t files < <(find "data/cifar10-jpeg/train/$label" -name '*.jpg' | sort)
+        cp "${files[@]:0:$((60 / $#))}" "$work/$device/$label/"
+    done
+}
+pick anchor airplane automobile
+pick normal airplane bird cat deer
+
+cat > "$work/federation.toml" <<TOML
+rounds = 1
+method = "ddome"
+experts = 2
+k = 1
+anchors_per_round = 1
+normals_per_round = 1
+min_updates = 2
+round_deadline_secs = 600
+codec = "int8"
+downlink = "int8"
+[model]
+classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+TOML
+
+fingerprint=$("$coordinator" init "$work/state" | grep -Eo '[0-9a-f]{64}')
+"$coordinator" enroll "$work/state" anchor --anchor 0 > "$work/anchor.cred"
+"$coordinator" enroll "$work/state" normal > "$work/normal.cred"
+"$coordinator" serve "$work/state" --config "$work/federation.toml" --listen 127.0.0.1:0 \
+    > "$work/serve.out" 2> "$work/serve.err" &
+server_pid=$!
+for _ in $(seq 100); do grep -q '^listening' "$work/serve.out" && break; sleep 0.1; done
+addr=$(awk '/^listening/ {print $2}' "$work/serve.out")
+[ -n "$addr" ] || { cat "$work/serve.err" >&2; exit 1; }
+
+pids=()
+for device in anchor normal; do
+    "${qemu[@]}" "$agent" run --coordinator "$addr" --fingerprint "$fingerprint" \
+        --device "$device" --credential-file "$work/$device.cred" --data "$work/$device" \
+        --cache-dir "$work/cache-$device" > "$work/$device.out" 2>&1 &
+    pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid" || { cat "$work"/*.out >&2; exit 1; }; done
+wait "$server_pid"; server_pid=
+grep -q "federation finished: 1 rounds" "$work/serve.err" || { cat "$work/serve.err" >&2; exit 1; }
+for device in anchor normal; do
+    grep -q "this device: 1 updates accepted" "$work/$device.out" ||
+        { echo "arm-smoke: $device had no update accepted" >&2; cat "$work/$device.out" >&2; exit 1; }
+done
+cat "$work/anchor.out" "$work/normal.out"
+echo "arm-smoke: $target agents embedded, trained and uploaded one DDOME round"

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ddome_datasets::{ImageSet, ImageShape};
+use ddome_datasets::{DatasetError, ImageSet, decode_image};
 use ddome_models::{CommonExpert, CommonExpertError, embed_cached};
 
 const EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
@@ -20,14 +20,9 @@ pub enum ImageError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// A file is not a decodable JPEG or PNG.
-    #[error("{path} is not a readable image: {reason}")]
-    Decode {
-        /// The file.
-        path: PathBuf,
-        /// The decoder's explanation.
-        reason: String,
-    },
+    /// A file could not be read or decoded as an image.
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
     /// Nothing to read.
     #[error("no .jpg, .jpeg or .png files in {0:?}")]
     NoImages(Vec<PathBuf>),
@@ -90,30 +85,6 @@ fn has_image_extension(path: &Path) -> bool {
         .is_some_and(|e| EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
 }
 
-/// Decodes one file (format sniffed from its content) to grey or RGB pixels, HWC.
-pub fn decode_image(path: &Path) -> Result<(ImageShape, Vec<u8>), ImageError> {
-    let bytes = std::fs::read(path).map_err(|source| ImageError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let image = image::load_from_memory(&bytes).map_err(|e| ImageError::Decode {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    let (height, width) = (image.height() as usize, image.width() as usize);
-    Ok(if image.color().has_color() {
-        (
-            ImageShape::new(height, width, 3),
-            image.into_rgb8().into_raw(),
-        )
-    } else {
-        (
-            ImageShape::new(height, width, 1),
-            image.into_luma8().into_raw(),
-        )
-    })
-}
-
 /// The files decoded, in order, as runs of one shape: the common expert embeds one image
 /// set at a time, and a device's photos need not all be the same size.
 pub fn load_runs(files: &[PathBuf]) -> Result<Vec<ImageSet>, ImageError> {
@@ -157,6 +128,7 @@ pub fn embed_files(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ddome_datasets::ImageShape;
 
     fn png(path: &Path, width: u32, height: u32, colour: bool) {
         if colour {

@@ -17,7 +17,7 @@ mod session;
 
 pub use client::{ServiceClient, ServiceError};
 pub use data::{DataError, EmbedConfig, LocalData};
-pub use images::{ImageError, decode_image, embed_files, image_files, load_runs};
+pub use images::{ImageError, embed_files, image_files, load_runs};
 pub use personalize::{
     BundleRefusal, PersonalizeError, Personalized, choose_experts, personalize, personalize_with,
     save_bundle, verify_bundle,

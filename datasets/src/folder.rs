@@ -44,7 +44,7 @@ pub fn load_image_folder(dir: &Path) -> Result<ImageSet, DatasetError> {
             path: dir.to_path_buf(),
         });
     };
-    let shape = decode(first)?.0;
+    let shape = decode_image(first)?.0;
     let images = decode_all(&files, shape)?;
     Ok(ImageSet {
         images,
@@ -104,8 +104,9 @@ fn has_image_extension(path: &Path) -> bool {
         .is_some_and(|e| EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
 }
 
-/// Decodes one file (format sniffed from its content) to 1-channel grey or 3-channel RGB.
-fn decode(path: &Path) -> Result<(ImageShape, Vec<u8>), DatasetError> {
+/// Decodes one file (format sniffed from its content) to 1-channel grey or 3-channel RGB,
+/// HWC: what every loader and the agent's `predict` feed the common expert.
+pub fn decode_image(path: &Path) -> Result<(ImageShape, Vec<u8>), DatasetError> {
     let bytes = std::fs::read(path).map_err(|e| DatasetError::io(path, e))?;
     let image = image::load_from_memory(&bytes).map_err(|e| DatasetError::Decode {
         path: path.to_path_buf(),
@@ -156,7 +157,7 @@ fn decode_all(files: &[PathBuf], shape: ImageShape) -> Result<Vec<u8>, DatasetEr
 
 fn decode_run(files: &[PathBuf], out: &mut [u8], expected: ImageShape) -> Result<(), DatasetError> {
     for (path, dst) in files.iter().zip(out.chunks_exact_mut(expected.size())) {
-        let (found, pixels) = decode(path)?;
+        let (found, pixels) = decode_image(path)?;
         if found != expected {
             return Err(DatasetError::DimensionMismatch {
                 path: path.clone(),

@@ -29,7 +29,7 @@ mod test_util;
 pub use cifar::load_cifar10_binary;
 pub use detect::load_split;
 pub use error::DatasetError;
-pub use folder::{load_image_folder, load_image_folder_split};
+pub use folder::{decode_image, load_image_folder, load_image_folder_split};
 pub use idx::load_fashion_mnist;
 pub use image_set::{ImageSet, ImageShape, Split};
 pub use partition::{

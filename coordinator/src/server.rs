@@ -20,13 +20,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ddome_models::{GlobalModel, LocalUpdate, ModelSpec, aggregate_round, cpu_device, params};
 use ddome_protocol::PROTOCOL_VERSION;
 use ddome_protocol::codec::{DecodeError, EncodedDelta, encode};
-use ddome_protocol::frame::FrameError;
+use ddome_protocol::frame::{FrameError, decode_payload};
 use ddome_protocol::message::{
     AgentMessage, CoordinatorMessage, ErrorCode, Intent, RankRequest, TaskRole, TrainTask, Update,
-    Welcome, WireError,
+    Welcome, WireError, announced_version,
 };
 use ddome_protocol::round::{Part, Progress, Round, RoundConfig, RoundKind, Step, local_seed};
-use ddome_transport::{Identity, TransportError, read_message, within, write_message};
+use ddome_transport::{Identity, TransportError, read_frame, read_message, within, write_message};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
@@ -365,60 +365,61 @@ async fn connection(incoming: quinn::Incoming, id: u64, shared: Shared) {
         return;
     };
     let max_frame = shared.max_frame;
-    let hello = within(
-        HANDSHAKE_TIMEOUT,
-        read_message::<AgentMessage>(&mut recv, max_frame),
-    )
-    .await;
-    let refusal = match hello {
-        Ok(Some(AgentMessage::Hello(hello))) => {
-            if hello.version != PROTOCOL_VERSION {
-                let e = WireError::new(
-                    ErrorCode::VersionMismatch,
-                    format!(
-                        "agent speaks protocol {}, this coordinator {PROTOCOL_VERSION}",
-                        hello.version
-                    ),
-                );
-                let detail = format!("{}: {}", hello.device, e.message);
-                shared.record_failure(None, e.code, &detail);
-                e
-            } else {
-                let auth = blocking(|| {
-                    shared
-                        .store
-                        .lock()
-                        .expect("store lock is never poisoned")
-                        .authenticate(&hello.device, &hello.credential)
-                });
-                match auth {
-                    Ok(device) => {
-                        match hello.intent {
-                            Intent::Train => {
-                                train_session(conn, id, device, send, recv, shared).await;
-                            }
-                            Intent::Serve => {
-                                serve_session(conn, device, send, recv, shared).await;
-                            }
+    let first = within(HANDSHAKE_TIMEOUT, read_frame(&mut recv, max_frame)).await;
+    // The version is read before the rest: another version's `Hello` may not decode as ours.
+    let other_version = match &first {
+        Ok(Some(payload)) => announced_version(payload).filter(|&v| v != PROTOCOL_VERSION),
+        _ => None,
+    };
+    let hello = first.and_then(|payload| {
+        payload
+            .map(|p| decode_payload::<AgentMessage>(&p).map_err(TransportError::from))
+            .transpose()
+    });
+    let refusal = match (other_version, hello) {
+        (Some(version), _) => {
+            let e = WireError::new(
+                ErrorCode::VersionMismatch,
+                format!("agent speaks protocol {version}, this coordinator {PROTOCOL_VERSION}"),
+            );
+            shared.record_failure(None, e.code, &e.message);
+            e
+        }
+        (None, Ok(Some(AgentMessage::Hello(hello)))) => {
+            let auth = blocking(|| {
+                shared
+                    .store
+                    .lock()
+                    .expect("store lock is never poisoned")
+                    .authenticate(&hello.device, &hello.credential)
+            });
+            match auth {
+                Ok(device) => {
+                    match hello.intent {
+                        Intent::Train => {
+                            train_session(conn, id, device, send, recv, shared).await;
                         }
-                        return;
+                        Intent::Serve => {
+                            serve_session(conn, device, send, recv, shared).await;
+                        }
                     }
-                    Err(e) => {
-                        // The peer learns only that it is refused, not whether the name exists.
-                        shared.record_failure(
-                            None,
-                            ErrorCode::Unauthenticated,
-                            &format!("{:?}: {e}", hello.device),
-                        );
-                        WireError::new(
-                            ErrorCode::Unauthenticated,
-                            "unknown device or bad credential",
-                        )
-                    }
+                    return;
+                }
+                Err(e) => {
+                    // The peer learns only that it is refused, not whether the name exists.
+                    shared.record_failure(
+                        None,
+                        ErrorCode::Unauthenticated,
+                        &format!("{:?}: {e}", hello.device),
+                    );
+                    WireError::new(
+                        ErrorCode::Unauthenticated,
+                        "unknown device or bad credential",
+                    )
                 }
             }
         }
-        Ok(Some(other)) => {
+        (None, Ok(Some(other))) => {
             // A service request before any `Hello` comes from a caller nobody authenticated.
             let e = if other.is_service_request() {
                 WireError::new(
@@ -434,13 +435,13 @@ async fn connection(incoming: quinn::Incoming, id: u64, shared: Shared) {
             shared.record_failure(None, e.code, &e.message);
             e
         }
-        Ok(None) => return,
-        Err(TransportError::Frame(e)) => {
+        (None, Ok(None)) => return,
+        (None, Err(TransportError::Frame(e))) => {
             let e = frame_error(&e);
             shared.record_failure(None, e.code, &e.message);
             e
         }
-        Err(_) => return,
+        (None, Err(_)) => return,
     };
     refuse(&mut send, refusal, max_frame).await;
     close_after_flush(send, &conn).await;

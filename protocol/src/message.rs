@@ -359,7 +359,8 @@ impl WireError {
 /// `Hello`, carry one request and get one answer, so requests run concurrently.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AgentMessage {
-    /// First message: version and credentials.
+    /// First message: version and credentials. It stays the first variant, with `version`
+    /// its first field, in every protocol version: see [`announced_version`].
     Hello(Hello),
     /// Answer to a [`RankRequest`].
     Ranking(Ranking),
@@ -438,5 +439,63 @@ impl CoordinatorMessage {
             CoordinatorMessage::Bundle(_) => "bundle",
             CoordinatorMessage::Predictions(_) => "predictions",
         }
+    }
+}
+
+/// The protocol version a `Hello` frame announces, read without decoding the rest of it.
+/// Fields after `version` change between versions, so an agent of another version may send
+/// a `Hello` that does not decode as this version's; its version can still be named, and it
+/// gets `VersionMismatch` rather than `MalformedFrame`. `None` if the payload does not start
+/// like a `Hello`.
+pub fn announced_version(payload: &[u8]) -> Option<u32> {
+    const HELLO_VARIANT: u32 = 0;
+    let (variant, rest): (u32, _) = postcard::take_from_bytes(payload).ok()?;
+    if variant != HELLO_VARIANT {
+        return None;
+    }
+    let (version, _): (u32, _) = postcard::take_from_bytes(rest).ok()?;
+    Some(version)
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::*;
+
+    /// Protocol 1's `Hello`, which had no `intent`.
+    #[derive(Serialize)]
+    enum AgentMessageV1 {
+        Hello {
+            version: u32,
+            device: String,
+            credential: String,
+        },
+    }
+
+    #[test]
+    fn an_older_hello_is_named_by_its_version_though_it_does_not_decode() {
+        let old = postcard::to_allocvec(&AgentMessageV1::Hello {
+            version: 1,
+            device: "pi-0".into(),
+            credential: "ddome1.00".into(),
+        })
+        .unwrap();
+        assert!(crate::frame::decode_payload::<AgentMessage>(&old).is_err());
+        assert_eq!(announced_version(&old), Some(1));
+    }
+
+    #[test]
+    fn the_current_hello_announces_its_version_and_other_messages_none() {
+        let hello = AgentMessage::Hello(Hello {
+            version: crate::PROTOCOL_VERSION,
+            device: "pi-0".into(),
+            credential: "c".into(),
+            intent: Intent::Serve,
+        });
+        let bytes = postcard::to_allocvec(&hello).unwrap();
+        assert_eq!(announced_version(&bytes), Some(crate::PROTOCOL_VERSION));
+        let other = postcard::to_allocvec(&AgentMessage::GetGate).unwrap();
+        assert_eq!(announced_version(&other), None);
+        assert_eq!(announced_version(&[]), None);
+        assert_eq!(announced_version(&[0, 0xff, 0xff, 0xff, 0xff, 0xff]), None);
     }
 }

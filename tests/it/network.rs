@@ -727,6 +727,24 @@ async fn hostile_input_gets_typed_errors_and_everyone_else_is_served() {
     });
     let mut truncated = frame(&old_hello);
     truncated.truncate(truncated.len() - 3);
+    // Protocol 1's `Hello` had no `intent`: it does not decode as ours, yet is named.
+    #[derive(serde::Serialize)]
+    enum AgentMessageV1 {
+        Hello {
+            version: u32,
+            device: String,
+            credential: String,
+        },
+    }
+    let v1_hello = ddome_protocol::frame::encode_frame(
+        &AgentMessageV1::Hello {
+            version: 1,
+            device: "dev-0".into(),
+            credential: credentials[0].1.clone(),
+        },
+        usize::MAX,
+    )
+    .unwrap();
     for (bytes, finish, expected) in [
         (
             u32::MAX.to_le_bytes().to_vec(),
@@ -740,6 +758,7 @@ async fn hostile_input_gets_typed_errors_and_everyone_else_is_served() {
         ),
         (truncated, true, ErrorCode::MalformedFrame),
         (frame(&old_hello), false, ErrorCode::VersionMismatch),
+        (v1_hello, false, ErrorCode::VersionMismatch),
     ] {
         assert_eq!(raw_exchange(addr, &fp, bytes, finish).await, expected);
     }
@@ -776,7 +795,6 @@ async fn hostile_input_gets_typed_errors_and_everyone_else_is_served() {
         .unwrap();
     for kind in [
         "oversized_frame",
-        "version_mismatch",
         "bad_shape",
         "not_finite",
         "stale_round",
@@ -785,4 +803,5 @@ async fn hostile_input_gets_typed_errors_and_everyone_else_is_served() {
         assert_eq!(counts.get(kind), Some(&1), "{kind} in {counts:?}");
     }
     assert_eq!(counts.get("malformed_frame"), Some(&2), "{counts:?}");
+    assert_eq!(counts.get("version_mismatch"), Some(&2), "{counts:?}");
 }

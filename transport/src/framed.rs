@@ -41,6 +41,18 @@ pub async fn read_message<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     max: usize,
 ) -> Result<Option<T>, TransportError> {
+    match read_frame(recv, max).await? {
+        Some(payload) => Ok(Some(decode_payload(&payload)?)),
+        None => Ok(None),
+    }
+}
+
+/// Reads one frame's payload, undecoded; `Ok(None)` when the peer finished the stream
+/// between frames.
+pub async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<Option<Vec<u8>>, TransportError> {
     let mut header = [0u8; HEADER_LEN];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
@@ -67,7 +79,7 @@ pub async fn read_message<T: DeserializeOwned>(
         }
         Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
     }
-    Ok(Some(decode_payload(&payload)?))
+    Ok(Some(payload))
 }
 
 /// `future`, or [`TransportError::Timeout`] after `limit`.

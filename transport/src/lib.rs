@@ -6,5 +6,5 @@ pub mod framed;
 pub mod tls;
 
 pub use endpoint::{ALPN, EndpointError, client, server};
-pub use framed::{TransportError, read_message, within, write_message};
+pub use framed::{TransportError, read_frame, read_message, within, write_message};
 pub use tls::{Identity, IdentityError, SERVER_NAME, fingerprint};

@@ -41,6 +41,7 @@ pick() { # device, labels...
 }
 pick anchor airplane automobile
 pick normal airplane bird cat deer
+pick newcomer automobile cat  # unlabelled: personalize reads the images, not the folders
 
 cat > "$work/federation.toml" <<TOML
 rounds = 1
@@ -60,8 +61,9 @@ TOML
 fingerprint=$("$coordinator" init "$work/state" | grep -Eo '[0-9a-f]{64}')
 "$coordinator" enroll "$work/state" anchor --anchor 0 > "$work/anchor.cred"
 "$coordinator" enroll "$work/state" normal > "$work/normal.cred"
+"$coordinator" enroll "$work/state" newcomer > "$work/newcomer.cred"
 "$coordinator" serve "$work/state" --config "$work/federation.toml" --listen 127.0.0.1:0 \
-    > "$work/serve.out" 2> "$work/serve.err" &
+    --keep-serving > "$work/serve.out" 2> "$work/serve.err" &
 server_pid=$!
 for _ in $(seq 100); do grep -q '^listening' "$work/serve.out" && break; sleep 0.1; done
 addr=$(awk '/^listening/ {print $2}' "$work/serve.out")
@@ -75,11 +77,21 @@ for device in anchor normal; do
     pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid" || { cat "$work"/*.out >&2; exit 1; }; done
-wait "$server_pid"; server_pid=
-grep -q "federation finished: 1 rounds" "$work/serve.err" || { cat "$work/serve.err" >&2; exit 1; }
 for device in anchor normal; do
     grep -q "this device: 1 updates accepted" "$work/$device.out" ||
         { echo "arm-smoke: $device had no update accepted" >&2; cat "$work/$device.out" >&2; exit 1; }
 done
-cat "$work/anchor.out" "$work/normal.out"
 echo "arm-smoke: $target agents embedded, trained and uploaded one DDOME round"
+
+# A new device personalises from its unlabelled images, then predicts offline.
+"${qemu[@]}" "$agent" personalize --coordinator "$addr" --fingerprint "$fingerprint" \
+    --device newcomer --credential-file "$work/newcomer.cred" --data "$work/newcomer" \
+    --cache-dir "$work/cache-newcomer" --out "$work/newcomer.ddome" > "$work/newcomer.out" 2>&1 ||
+    { cat "$work/newcomer.out" >&2; exit 1; }
+kill -TERM "$server_pid"; wait "$server_pid"; server_pid=
+grep -q "federation finished: 1 rounds" "$work/serve.err" || { cat "$work/serve.err" >&2; exit 1; }
+"${qemu[@]}" "$agent" predict --bundle "$work/newcomer.ddome" --json "$work/newcomer" \
+    > "$work/predictions.json" 2> "$work/predict.err" || { cat "$work/predict.err" >&2; exit 1; }
+predicted=$(python3 -c 'import json, sys; print(len(json.load(open(sys.argv[1]))))' "$work/predictions.json")
+[ "$predicted" = 60 ] || { echo "arm-smoke: predicted $predicted of 60 images" >&2; exit 1; }
+echo "arm-smoke: $target agent personalised without labels and predicted 60 images offline"

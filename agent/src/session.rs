@@ -15,7 +15,7 @@ use ddome_protocol::codec::{CodecConfig, DecodeError, EncodeError, ErrorFeedback
 use ddome_protocol::frame::DEFAULT_MAX_FRAME;
 use ddome_protocol::message::{
     AgentMessage, CoordinatorMessage, ErrorCode, Hello, Intent, ModelDescription, RankRequest,
-    Ranking, TaskRole, TrainTask, Update, Welcome, WireError,
+    Ranking, TaskRole, TrainTask, Update, UpdateId, Welcome, WireError,
 };
 use ddome_transport::{SERVER_NAME, TransportError, read_message, within, write_message};
 
@@ -131,6 +131,7 @@ pub async fn run(config: &AgentConfig, data: &LocalData) -> Result<AgentSummary,
     let endpoint = ddome_transport::client(&config.fingerprint)?;
     let mut state = AgentState {
         feedback: ErrorFeedback::new(),
+        unconfirmed: None,
         summary: AgentSummary::default(),
         gate: None,
     };
@@ -162,11 +163,30 @@ pub async fn run(config: &AgentConfig, data: &LocalData) -> Result<AgentSummary,
 
 /// What survives a reconnection.
 struct AgentState {
-    /// Residuals of lossy uplink codecs, per parameter set.
+    /// Residuals of lossy uplink codecs, per parameter set. Those of the last upload stay
+    /// staged until the coordinator confirms it was applied (see [`AgentState::settle`]).
     feedback: ErrorFeedback<String>,
+    /// The upload whose residuals are staged in `feedback`, if any.
+    unconfirmed: Option<UpdateId>,
     summary: AgentSummary,
     /// The gate of the round being ranked (round, attempt, parameters).
     gate: Option<(u64, u32, Vec<f32>)>,
+}
+
+impl AgentState {
+    /// Settles the staged residuals of the unconfirmed upload: kept if the coordinator
+    /// applied that upload (`accepted` names it), forgotten otherwise, so the residual
+    /// always equals what the coordinator has not received, whatever was lost on the way.
+    fn settle(&mut self, accepted: Option<UpdateId>) {
+        let Some(unconfirmed) = self.unconfirmed.take() else {
+            return;
+        };
+        if accepted == Some(unconfirmed) {
+            self.feedback.commit();
+        } else {
+            self.feedback.discard();
+        }
+    }
 }
 
 async fn session(
@@ -242,6 +262,9 @@ async fn converse(
         .map_err(|e| AgentError::Incompatible(e.to_string()))?;
     let spec = model_spec(&welcome, data)?;
     state.summary.rounds_completed = welcome.rounds_completed;
+    // The coordinator's durable record says whether an upload it never confirmed (the link
+    // or the coordinator went down) was applied.
+    state.settle(welcome.last_accepted);
     tracing::info!(device = %config.device, id = welcome.device_id, "welcomed");
     let Welcome { model, uplink, .. } = welcome;
 
@@ -263,17 +286,27 @@ async fn converse(
                 }
             }
             CoordinatorMessage::TrainTask(task) => {
+                // Confirmations precede the next task on this stream: an upload still
+                // unconfirmed now was refused.
+                state.settle(None);
                 match train(&spec, data, task, uplink, state).await {
-                    Ok(update) => Some(AgentMessage::Update(update)),
+                    Ok(update) => {
+                        state.unconfirmed = Some(UpdateId {
+                            round: update.round,
+                            attempt: update.attempt,
+                        });
+                        Some(AgentMessage::Update(update))
+                    }
                     Err(e) => {
                         tracing::error!(device = %config.device, error = %e, "cannot train");
                         None
                     }
                 }
             }
-            CoordinatorMessage::UpdateAccepted { round } => {
+            CoordinatorMessage::UpdateAccepted(accepted) => {
                 state.summary.updates_accepted += 1;
-                tracing::debug!(device = %config.device, round, "update accepted");
+                state.settle(Some(accepted));
+                tracing::debug!(device = %config.device, round = accepted.round, attempt = accepted.attempt, "update accepted");
                 None
             }
             CoordinatorMessage::Finished { rounds } => {
@@ -460,13 +493,13 @@ async fn train(
     let gate_delta = update
         .gate_delta
         .as_deref()
-        .map(|d| state.feedback.encode("gate".to_string(), d, uplink))
+        .map(|d| state.feedback.stage("gate".to_string(), d, uplink))
         .transpose()?;
     let mut expert_deltas = Vec::with_capacity(update.expert_deltas.len());
     for (expert, delta) in &update.expert_deltas {
         let encoded = state
             .feedback
-            .encode(format!("expert/{expert}"), delta, uplink)?;
+            .stage(format!("expert/{expert}"), delta, uplink)?;
         expert_deltas.push((*expert as u32, encoded));
     }
     Ok(Update {

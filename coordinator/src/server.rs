@@ -23,7 +23,7 @@ use ddome_protocol::codec::{DecodeError, EncodedDelta, encode};
 use ddome_protocol::frame::{FrameError, decode_payload};
 use ddome_protocol::message::{
     AgentMessage, CoordinatorMessage, ErrorCode, Intent, RankRequest, TaskRole, TrainTask, Update,
-    Welcome, WireError, announced_version,
+    UpdateId, Welcome, WireError, announced_version,
 };
 use ddome_protocol::round::{Part, Progress, Round, RoundConfig, RoundKind, Step, local_seed};
 use ddome_transport::{Identity, TransportError, read_frame, read_message, within, write_message};
@@ -987,6 +987,12 @@ impl Federation {
                 outbox,
             } => {
                 let id = device.id;
+                // Read now, not at login: events run in order, so an upload this device made
+                // on a connection that has since dropped is already in the store.
+                let last_accepted = self
+                    .store()
+                    .device(&device.name)?
+                    .and_then(|record| record.last_accepted);
                 let _ = outbox.send(Outgoing::Message(CoordinatorMessage::Welcome(Welcome {
                     version: PROTOCOL_VERSION,
                     device_id: id,
@@ -994,6 +1000,7 @@ impl Federation {
                     model: self.config.description(),
                     uplink: self.config.codec,
                     rounds_completed: self.rounds_completed,
+                    last_accepted,
                 })));
                 if self.is_done() {
                     let _ = outbox.send(Outgoing::Message(CoordinatorMessage::Finished {
@@ -1127,9 +1134,10 @@ impl Federation {
         tracing::info!(device, round = update.round, "update accepted");
         self.send(
             device,
-            CoordinatorMessage::UpdateAccepted {
+            CoordinatorMessage::UpdateAccepted(UpdateId {
                 round: update.round,
-            },
+                attempt: update.attempt,
+            }),
         );
         self.check_progress()
     }

@@ -175,6 +175,7 @@ impl Service {
             model: self.description.clone(),
             uplink: self.uplink,
             rounds_completed: self.current().round,
+            last_accepted: None,
         }
     }
 

@@ -622,15 +622,24 @@ impl EncodedValues {
 ///
 /// After each [`encode`](Self::encode), residual = delta + previous residual − decoded, so
 /// over any number of rounds the decoded deltas plus the residual sum to the raw deltas.
+///
+/// Over a network an upload may never be applied (the link drops, the round closes first),
+/// and then its residual is wrong: what it "delivered" was lost. So a device
+/// [`stage`](Self::stage)s each upload's residuals, and [`commit`](Self::commit)s them once
+/// the receiver confirms the upload or [`discard`](Self::discard)s them, which leaves the
+/// residuals as they were before that upload.
 #[derive(Debug, Clone)]
 pub struct ErrorFeedback<K = String> {
     residuals: HashMap<K, Vec<f32>>,
+    /// Residuals of encodings not yet confirmed; they replace `residuals` on commit.
+    staged: HashMap<K, Vec<f32>>,
 }
 
 impl<K> Default for ErrorFeedback<K> {
     fn default() -> Self {
         Self {
             residuals: HashMap::new(),
+            staged: HashMap::new(),
         }
     }
 }
@@ -649,6 +658,24 @@ impl<K: Eq + Hash> ErrorFeedback<K> {
         key: K,
         delta: &[f32],
         config: CodecConfig,
+    ) -> Result<EncodedDelta, EncodeError>
+    where
+        K: Clone,
+    {
+        let encoded = self.stage(key.clone(), delta, config)?;
+        if let Some(residual) = self.staged.remove(&key) {
+            self.residuals.insert(key, residual);
+        }
+        Ok(encoded)
+    }
+
+    /// Encodes like [`encode`](Self::encode), from the committed residual, but keeps the new
+    /// residual aside until [`commit`](Self::commit); staging `key` again replaces it.
+    pub fn stage(
+        &mut self,
+        key: K,
+        delta: &[f32],
+        config: CodecConfig,
     ) -> Result<EncodedDelta, EncodeError> {
         let mut carried = match self.residuals.get(&key) {
             Some(residual) if residual.len() == delta.len() => {
@@ -663,8 +690,25 @@ impl<K: Eq + Hash> ErrorFeedback<K> {
         for (c, s) in carried.iter_mut().zip(&sent) {
             *c -= s;
         }
-        self.residuals.insert(key, carried);
+        self.staged.insert(key, carried);
         Ok(encoded)
+    }
+
+    /// Whether some staged residual awaits [`commit`](Self::commit) or
+    /// [`discard`](Self::discard).
+    pub fn has_staged(&self) -> bool {
+        !self.staged.is_empty()
+    }
+
+    /// The staged encodings were delivered: their residuals become the held ones.
+    pub fn commit(&mut self) {
+        self.residuals.extend(self.staged.drain());
+    }
+
+    /// The staged encodings were not delivered: forget their residuals, keeping the ones
+    /// held before.
+    pub fn discard(&mut self) {
+        self.staged.clear();
     }
 
     /// What has not yet been delivered for `key`.
@@ -676,18 +720,20 @@ impl<K: Eq + Hash> ErrorFeedback<K> {
         self.residuals.get(key).map(Vec::as_slice)
     }
 
-    /// Drops and returns the residual for `key`.
+    /// Drops and returns the held residual for `key`, and drops any staged one.
     pub fn forget<Q>(&mut self, key: &Q) -> Option<Vec<f32>>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
+        self.staged.remove(key);
         self.residuals.remove(key)
     }
 
-    /// Drops every residual.
+    /// Drops every residual, staged or held.
     pub fn clear(&mut self) {
         self.residuals.clear();
+        self.staged.clear();
     }
 }
 
@@ -921,6 +967,36 @@ mod tests {
                 .fold(0.0, f64::max);
             assert!(worst < 1e-7, "{text}: sums differ by up to {worst}");
         }
+    }
+
+    #[test]
+    fn staged_residuals_count_only_once_committed() {
+        let mut feedback = ErrorFeedback::new();
+        let half = CodecConfig::LOSSLESS.with_top_k(0.5);
+        feedback
+            .encode("gate", &[1.0, 2.0, 3.0, 4.0], half)
+            .unwrap();
+        let held = [1.0, 2.0, 0.0, 0.0];
+
+        // An upload that was lost: its residual is discarded, the held one stays, and the
+        // next encoding starts from it as if the lost upload had never been made.
+        let lost = feedback.stage("gate", &[0.0, 0.0, 0.0, 9.0], half).unwrap();
+        assert_eq!(lost.decode(4).unwrap(), [0.0, 2.0, 0.0, 9.0]);
+        assert!(feedback.has_staged());
+        assert_eq!(feedback.residual("gate"), Some(&held[..]));
+        feedback.discard();
+        assert!(!feedback.has_staged());
+        assert_eq!(feedback.residual("gate"), Some(&held[..]));
+
+        // A confirmed upload: its residual replaces the held one.
+        let sent = feedback.stage("gate", &[0.0, 0.0, 0.0, 5.0], half).unwrap();
+        assert_eq!(sent.decode(4).unwrap(), [0.0, 2.0, 0.0, 5.0]);
+        let other = feedback.stage("expert 1", &[4.0, 1.0], half).unwrap();
+        assert_eq!(other.decode(2).unwrap(), [4.0, 0.0]);
+        feedback.commit();
+        assert!(!feedback.has_staged());
+        assert_eq!(feedback.residual("gate"), Some(&[1.0, 0.0, 0.0, 0.0][..]));
+        assert_eq!(feedback.residual("expert 1"), Some(&[0.0, 1.0][..]));
     }
 
     #[test]

@@ -21,5 +21,7 @@ pub use codec::{
 pub use selection::{Selection, SelectionConfig, SelectionError, select_participants};
 
 /// Version of the protocol; checked in the first exchange of every connection. Version 2
-/// added the `Hello`'s intent and the personalisation service.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// added the `Hello`'s intent and the personalisation service; version 3 names the attempt
+/// an `UpdateAccepted` confirms and the device's last accepted update in its `Welcome`, so
+/// an agent keeps the error-feedback residual of exactly the uploads that were applied.
+pub const PROTOCOL_VERSION: u32 = 3;

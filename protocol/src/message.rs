@@ -82,6 +82,20 @@ pub struct Welcome {
     pub uplink: CodecConfig,
     /// Rounds completed so far.
     pub rounds_completed: u64,
+    /// The last update accepted from this device, durably; `None` if there was none (and
+    /// always for a service-only connection). An agent whose upload was never confirmed
+    /// learns here whether it was applied before the link or the coordinator went down.
+    pub last_accepted: Option<UpdateId>,
+}
+
+/// Which upload: a round and the attempt of that round it answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct UpdateId {
+    /// Round.
+    pub round: u64,
+    /// Attempt of that round (a round whose deadline passed without enough updates is
+    /// retried as a new attempt).
+    pub attempt: u32,
 }
 
 /// What a device does with a training task.
@@ -383,11 +397,8 @@ pub enum CoordinatorMessage {
     RankRequest(RankRequest),
     /// Train.
     TrainTask(TrainTask),
-    /// The update of this round was committed durably.
-    UpdateAccepted {
-        /// Round.
-        round: u64,
-    },
+    /// The update for this round and attempt was committed durably.
+    UpdateAccepted(UpdateId),
     /// The federation has run all its rounds; nothing more to do.
     Finished {
         /// Rounds completed.
@@ -432,7 +443,7 @@ impl CoordinatorMessage {
             CoordinatorMessage::Welcome(_) => "welcome",
             CoordinatorMessage::RankRequest(_) => "rank_request",
             CoordinatorMessage::TrainTask(_) => "train_task",
-            CoordinatorMessage::UpdateAccepted { .. } => "update_accepted",
+            CoordinatorMessage::UpdateAccepted(_) => "update_accepted",
             CoordinatorMessage::Finished { .. } => "finished",
             CoordinatorMessage::Error(_) => "error",
             CoordinatorMessage::Gate(_) => "gate",

@@ -1,5 +1,6 @@
 //! The device registry: enrolment, revocation, authentication.
 
+use ddome_protocol::message::UpdateId;
 use rusqlite::{OptionalExtension, Row, params};
 use serde::Serialize;
 
@@ -26,6 +27,9 @@ pub struct DeviceRecord {
     pub updates_accepted: u64,
     /// Failures recorded against it over its lifetime.
     pub failures: u64,
+    /// Its last accepted update; `None` before its first (or for updates accepted before
+    /// the schema recorded it).
+    pub last_accepted: Option<UpdateId>,
 }
 
 impl DeviceRecord {
@@ -36,7 +40,8 @@ impl DeviceRecord {
 }
 
 const DEVICE_COLUMNS: &str = "id, name, anchor_expert, enrolled_at_ms, revoked_at_ms, \
-                              last_seen_ms, updates_accepted, failures";
+                              last_seen_ms, updates_accepted, failures, \
+                              last_accepted_round, last_accepted_attempt";
 
 fn device_from_row(row: &Row<'_>) -> rusqlite::Result<DeviceRecord> {
     device_from_row_at(row, 0)
@@ -218,6 +223,10 @@ fn device_from_row_at(row: &Row<'_>, first: usize) -> rusqlite::Result<DeviceRec
         last_seen_ms: row.get(first + 5)?,
         updates_accepted: row.get(first + 6)?,
         failures: row.get(first + 7)?,
+        last_accepted: match (row.get(first + 8)?, row.get(first + 9)?) {
+            (Some(round), Some(attempt)) => Some(UpdateId { round, attempt }),
+            _ => None,
+        },
     })
 }
 

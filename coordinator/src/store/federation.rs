@@ -197,8 +197,9 @@ impl Store {
             params![round, device_id, attempt, blob, now_unix_ms()],
         )?;
         tx.execute(
-            "UPDATE devices SET updates_accepted = updates_accepted + 1 WHERE id = ?1",
-            [device_id],
+            "UPDATE devices SET updates_accepted = updates_accepted + 1, \
+             last_accepted_round = ?2, last_accepted_attempt = ?3 WHERE id = ?1",
+            params![device_id, round, attempt],
         )?;
         tx.commit()?;
         Ok(())

@@ -26,14 +26,23 @@ pub use federation::{
 };
 pub use status::{RoundStatus, Status};
 
-/// The schema version this build reads and writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+/// The schema version this build writes (`PRAGMA user_version`). It also opens version 1,
+/// upgrading it in place (see [`MIGRATIONS`]).
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// `MIGRATIONS[v - 1]` takes a database from version `v` to `v + 1`.
+const MIGRATIONS: [&str; 1] = [
+    // 2: each device's last accepted update, for the agent's error feedback (protocol 3).
+    // Unknown for updates accepted before the upgrade.
+    "ALTER TABLE devices ADD COLUMN last_accepted_round INTEGER;
+     ALTER TABLE devices ADD COLUMN last_accepted_attempt INTEGER;",
+];
 
 /// How long a write waits for another process's write (an admin command beside a running
 /// server) before failing with "database is locked".
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Version 1. Devices are never deleted (revocation keeps the row for audit), so
+/// The current version. Devices are never deleted (revocation keeps the row for audit), so
 /// `MAX(id) + 1` hands out ids in enrolment order from 0.
 const SCHEMA: &str = "
 CREATE TABLE devices (
@@ -46,7 +55,9 @@ CREATE TABLE devices (
     revoked_at_ms    INTEGER,              -- set by revoke; a revoked device cannot log in
     last_seen_ms     INTEGER,
     updates_accepted INTEGER NOT NULL DEFAULT 0,  -- lifetime count; updates rows are pruned
-    failures         INTEGER NOT NULL DEFAULT 0   -- lifetime count; the log is pruned
+    failures         INTEGER NOT NULL DEFAULT 0,  -- lifetime count; the log is pruned
+    last_accepted_round   INTEGER,                -- the device's last accepted update
+    last_accepted_attempt INTEGER
 ) STRICT;
 -- At most one live anchor per expert; revoking an anchor frees its expert.
 CREATE UNIQUE INDEX one_live_anchor_per_expert ON devices (anchor_expert)
@@ -184,7 +195,7 @@ impl Store {
         let found: i64 = conn
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .map_err(sqlite)?;
-        if found != SCHEMA_VERSION {
+        if !(1..=SCHEMA_VERSION).contains(&found) {
             return Err(OpenError::SchemaVersion {
                 path: path.to_path_buf(),
                 found,
@@ -192,6 +203,11 @@ impl Store {
             });
         }
         configure(&conn).map_err(sqlite)?;
+        let mut conn = conn;
+        if found < SCHEMA_VERSION {
+            migrate(&mut conn, found).map_err(sqlite)?;
+            tracing::info!(path = %path.display(), from = found, to = SCHEMA_VERSION, "upgraded the state database");
+        }
         Ok(Self {
             conn,
             path: path.to_path_buf(),
@@ -209,6 +225,19 @@ impl Store {
         self.conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
     }
+}
+
+/// Upgrades a database of version `found` to [`SCHEMA_VERSION`] in one transaction, so a
+/// crash leaves it at `found` or upgraded, never between.
+fn migrate(conn: &mut Connection, found: i64) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
+    // Another process may have upgraded it since `found` was read.
+    let now: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    for version in now.max(found)..SCHEMA_VERSION {
+        tx.execute_batch(MIGRATIONS[(version - 1) as usize])?;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()
 }
 
 fn existing_file_flags() -> OpenFlags {
@@ -245,6 +274,7 @@ fn now_unix_ms() -> u64 {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use ddome_protocol::message::UpdateId;
 
     /// A fresh store in a temporary directory that lives as long as the returned guard.
     pub(crate) fn temp_store() -> (tempfile::TempDir, Store) {
@@ -372,6 +402,50 @@ pub(crate) mod tests {
             );
             assert!(err.to_string().contains(&*path.to_string_lossy()));
         }
+    }
+
+    #[test]
+    fn a_version_1_database_is_upgraded_in_place_and_keeps_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite3");
+        // Version 1's devices table, with a device that has one accepted update.
+        let conn = Connection::open(&path).unwrap();
+        let v1 = SCHEMA
+            .replace(
+                "failures         INTEGER NOT NULL DEFAULT 0,  -- lifetime count; the log is pruned\n    last_accepted_round   INTEGER,                -- the device's last accepted update\n    last_accepted_attempt INTEGER",
+                "failures         INTEGER NOT NULL DEFAULT 0",
+            );
+        assert_ne!(
+            v1, SCHEMA,
+            "the version 1 schema is rebuilt from the current one"
+        );
+        conn.execute_batch(&v1).unwrap();
+        conn.execute(
+            "INSERT INTO devices (id, name, credential_salt, credential_hash, enrolled_at_ms, \
+             updates_accepted) VALUES (0, 'pi-1', x'00', x'00', 5, 1)",
+            [],
+        )
+        .unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        drop(conn);
+
+        let mut store = Store::open(&path).unwrap();
+        assert_eq!(pragma(&store, "user_version"), SCHEMA_VERSION.to_string());
+        let device = store.device("pi-1").unwrap().unwrap();
+        assert_eq!(device.updates_accepted, 1);
+        assert_eq!(device.last_accepted, None);
+        store.begin_round(0, 0, &[0], 99).unwrap();
+        store.accept_update(0, 0, 0, b"update").unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let device = store.device("pi-1").unwrap().unwrap();
+        assert_eq!(
+            device.last_accepted,
+            Some(UpdateId {
+                round: 0,
+                attempt: 0
+            })
+        );
     }
 
     #[test]

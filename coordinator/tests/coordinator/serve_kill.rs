@@ -1,6 +1,8 @@
 //! `ddome-coordinator serve` killed with SIGKILL in the middle of a round, then restarted
 //! on the same address: the agents reconnect, the federation completes, and the final model
 //! is bit-identical to an uninterrupted run, so no accepted update was lost or applied twice.
+//! With a lossy codec the same holds only if each agent keeps the error-feedback residual
+//! of exactly the uploads the coordinator applied, which the second test checks.
 //!
 //! The agents train on small synthetic embeddings (a test double for the common expert's
 //! output: this test is about the process, not the features).
@@ -55,10 +57,10 @@ fn features() -> Arc<Features> {
     })
 }
 
-fn config_toml(dir: &Path) -> std::path::PathBuf {
+fn config_toml(dir: &Path, codec: &str) -> std::path::PathBuf {
     let classes: Vec<String> = (0..CLASSES).map(|c| format!("\"c{c}\"")).collect();
     let text = format!(
-        "rounds = {ROUNDS}\nseed = 3\nexperts = {ANCHORS}\nk = 2\nanchors_per_round = 2\n\
+        "rounds = {ROUNDS}\ncodec = \"{codec}\"\nseed = 3\nexperts = {ANCHORS}\nk = 2\nanchors_per_round = 2\n\
          normals_per_round = 2\nmin_updates = 4\nwait_for_devices = {DEVICES}\n\
          round_deadline_secs = 120\n[model]\nclasses = [{}]\nembedding_dim = {DIM}\n\
          gate_hidden = 8\nexpert_hidden = 8\n[train]\nbatch_size = 32\n",
@@ -152,12 +154,12 @@ fn spawn_agents(
 
 /// Runs the federation, killing `serve` with SIGKILL once if `kill_in_round` is given;
 /// returns the final model's hash as `serve` reports it.
-fn federation(kill_in_round: Option<u64>) -> String {
+fn federation(codec: &str, kill_in_round: Option<u64>) -> String {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let credentials = enroll(&state);
     let fingerprint = StateDir::open(&state).unwrap().identity().fingerprint();
-    let config = config_toml(dir.path());
+    let config = config_toml(dir.path(), codec);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (mut child, addr, mut lines) = serve(&state, &config, "127.0.0.1:0");
     let agents = spawn_agents(&runtime, addr, &fingerprint, &credentials);
@@ -188,8 +190,23 @@ fn federation(kill_in_round: Option<u64>) -> String {
 
 #[test]
 fn serve_killed_mid_round_resumes_and_matches_an_uninterrupted_run() {
-    let uninterrupted = federation(None);
-    let killed = federation(Some(2));
+    let uninterrupted = federation("f32", None);
+    let killed = federation("f32", Some(2));
     assert_eq!(uninterrupted.len(), 64);
     assert_eq!(killed, uninterrupted);
+}
+
+/// Agents whose uploads were committed but never confirmed learn it from their next
+/// `Welcome`; the others drop the residual of an upload that was lost with the coordinator.
+#[test]
+fn with_lossy_deltas_a_killed_serve_still_matches_an_uninterrupted_run() {
+    let codec = "int8+topk:0.3";
+    let uninterrupted = federation(codec, None);
+    let killed = federation(codec, Some(2));
+    assert_eq!(killed, uninterrupted);
+    assert_ne!(
+        uninterrupted,
+        federation("f32", None),
+        "the codec is lossy, so the test exercises the residuals"
+    );
 }

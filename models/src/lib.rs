@@ -17,7 +17,9 @@ mod train;
 
 pub use aggregate::{AggregateError, GlobalModel, aggregate_round, check_delta, fedavg_apply};
 pub use backend::cpu_device;
-pub use common_expert::{CommonExpert, CommonExpertConfig, CommonExpertError, embed_cached};
+pub use common_expert::{
+    CommonExpert, CommonExpertConfig, CommonExpertError, Threading, embed_cached,
+};
 pub use features::{Features, Pixels};
 pub use mixture::{Mixture, MixtureError, PREDICT_BATCH};
 pub use moe::{

@@ -4,7 +4,8 @@ use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::ops::PadMode;
+use burn::tensor::{Device, Slice, Tensor};
 use serde::{Deserialize, Serialize};
 
 /// Which architecture every expert of a federation has.
@@ -145,14 +146,62 @@ impl CnnExpert {
     /// - pixels: `[batch, channels, height, width]`
     /// - output: `[batch, classes]`
     fn forward(&self, pixels: Tensor<4>) -> Tensor<2> {
-        let x = relu(self.stem.forward(pixels)); // [b, w, h, w]
-        let x = relu(x.clone() + self.block1_b.forward(relu(self.block1_a.forward(x))));
-        let x = relu(self.down.forward(x)); // [b, 2w, h/2, w/2]
-        let x = relu(x.clone() + self.block2_b.forward(relu(self.block2_a.forward(x))));
+        let x = relu(conv3x3(&self.stem, pixels)); // [b, w, h, w]
+        let x = relu(x.clone() + conv3x3(&self.block1_b, relu(conv3x3(&self.block1_a, x))));
+        let x = relu(conv3x3(&self.down, x)); // [b, 2w, h/2, w/2]
+        let x = relu(x.clone() + conv3x3(&self.block2_b, relu(conv3x3(&self.block2_a, x))));
         let [batch, channels, height, width] = x.dims();
         let pooled = x.reshape([batch, channels, height * width]).mean_dim(2); // [b, 2w, 1]
         self.out.forward(pooled.reshape([batch, channels]))
     }
+}
+
+/// One of the `cnn` expert's 3×3 convolutions (padding 1, its stride, its bias) as a matrix
+/// product per image over the nine shifted copies of the input (im2col).
+///
+/// burn's ndarray backend convolves directly: fine forward, but its weight gradient is a
+/// convolution whose kernel is the whole feature map, and a training step ran about 100×
+/// slower than PyTorch's (`ddome bench train`). As matrix products, forward and backward
+/// go through the GEMM. The sum runs in another order than the direct convolution's, so
+/// results differ from it by float rounding; they are as deterministic.
+///
+/// # Shapes
+/// - x: `[batch, in, height, width]`
+/// - output: `[batch, out, ceil(height / stride), ceil(width / stride)]`
+fn conv3x3(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let [batch, channels, height, width] = x.dims();
+    let weight = conv.weight.val(); // [out, in, 3, 3]
+    let [out, _, kernel, _] = weight.dims();
+    let stride = conv.stride[0];
+    let out_h = (height - 1) / stride + 1;
+    let out_w = (width - 1) / stride + 1;
+    let padded = x.pad((1, 1, 1, 1), PadMode::Constant(0.0)); // [b, in, h + 2, w + 2]
+    let tap = |start: usize, len: usize| {
+        Slice::new(
+            start as isize,
+            Some((start + stride * (len - 1) + 1) as isize),
+            stride as isize,
+        )
+    };
+    let all = Slice::new(0, None, 1);
+    let taps: Vec<Tensor<4>> = (0..kernel * kernel)
+        .map(|t| {
+            let (ky, kx) = (t / kernel, t % kernel);
+            padded
+                .clone()
+                .slice([all, all, tap(ky, out_h), tap(kx, out_w)]) // [b, in, oh, ow]
+        })
+        .collect();
+    // [b, in, 9, oh, ow]: row `c * 9 + ky * 3 + kx` lines up with the weight's layout.
+    let columns: Tensor<5> = Tensor::stack(taps, 2);
+    let columns = columns.reshape([batch, channels * kernel * kernel, out_h * out_w]);
+    let weight = weight.reshape([1, out, channels * kernel * kernel]);
+    let y = weight.matmul(columns); // [b, out, oh * ow]
+    let y = match &conv.bias {
+        Some(bias) => y + bias.val().reshape([1, out, 1]),
+        None => y,
+    };
+    y.reshape([batch, out, out_h, out_w])
 }
 
 /// What an expert reads: the embedding always, the pixels for `cnn` experts.

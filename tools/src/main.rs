@@ -15,6 +15,10 @@ use ddome_tools::experiment::{DataConfig, Experiment};
 use ddome_tools::simulate::{self, Method, RoundMetrics, RunResult, SimConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// The agent's allocator, so benches measure what devices run (see the agent's `main`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "ddome",
@@ -50,6 +54,15 @@ enum BenchCommand {
     /// Zero-shot inference: on-device `predict` latency and throughput, and the
     /// coordinator's infer service under many concurrent clients on loopback QUIC.
     Inference(InferenceArgs),
+    /// Common-expert speed: tract (as shipped) against onnxruntime on the same ONNX graph,
+    /// input size, batch and threads; model-only and preprocessing times, GFLOP/s.
+    Embed(ddome_tools::embed_bench::EmbedArgs),
+    /// Local training speed: burn (ndarray) against PyTorch on the CPU, same expert, batch,
+    /// optimiser and threads; the step alone and the real training loop.
+    Train(ddome_tools::train_bench::TrainArgs),
+    /// One thread count of `bench train`, in a process whose thread pools it sized.
+    #[command(hide = true)]
+    TrainWorker(ddome_tools::train_bench::TrainWorkerArgs),
 }
 
 #[derive(Args)]
@@ -283,6 +296,19 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             bench: BenchCommand::Inference(args),
         } => inference_command(args),
+        Command::Bench {
+            bench: BenchCommand::Embed(args),
+        } => {
+            ddome_tools::embed_bench::command(args, std::env::args().collect::<Vec<_>>().join(" "))
+        }
+        Command::Bench {
+            bench: BenchCommand::Train(args),
+        } => {
+            ddome_tools::train_bench::command(args, std::env::args().collect::<Vec<_>>().join(" "))
+        }
+        Command::Bench {
+            bench: BenchCommand::TrainWorker(args),
+        } => ddome_tools::train_bench::worker_command(args),
     }
 }
 

@@ -11,7 +11,13 @@ use ddome_agent::{
     save_bundle,
 };
 use ddome_datasets::{PartitionConfig, Skew};
+use ddome_models::BackendChoice;
 use ddome_protocol::message::CommonExpertRef;
+
+/// mimalloc keeps freed training buffers for the next step; glibc's malloc unmaps and
+/// faults them back in, which made `cnn` steps 1.3× slower (`ddome bench train`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(name = "ddome-agent", version, about = "ddome edge agent")]
@@ -36,6 +42,13 @@ enum Command {
 struct RunArgs {
     #[command(flatten)]
     connect: ConnectArgs,
+    /// Where local training runs: ndarray (the CPU) or wgpu (a GPU through Vulkan, Metal or
+    /// GL; builds with `--features wgpu`).
+    #[arg(long, default_value_t = BackendChoice::Ndarray)]
+    backend: BackendChoice,
+    /// With `--backend wgpu`, fail when no adapter starts instead of training on the CPU.
+    #[arg(long)]
+    no_fallback: bool,
     #[command(flatten)]
     data: DataArgs,
     #[command(flatten)]
@@ -228,7 +241,11 @@ impl ConnectArgs {
 }
 
 fn run_command(args: RunArgs) -> Result<()> {
-    let config = args.connect.config()?;
+    let mut config = args.connect.config()?;
+    let (train_device, backend) = ddome_models::device_or_cpu(args.backend, !args.no_fallback)
+        .with_context(|| format!("starting the {} backend", args.backend))?;
+    eprintln!("ddome-agent: training on {backend}");
+    config.train_device = train_device;
     let embed = args.embed.config();
     let d = &args.data;
     let data = match (&d.data, &d.dataset, d.device_index) {

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use ddome_models::params::ParamLenError;
 use ddome_models::{
-    ExpertKind, LocalUpdate, ModelSpec, Received, Role, TrainConfig, TrainError, cpu_device,
-    mean_gate_scores, top_k, train_local,
+    Device, ExpertKind, LocalUpdate, ModelSpec, Received, Role, TrainConfig, TrainError,
+    cpu_device, mean_gate_scores, top_k, train_local,
 };
 use ddome_protocol::PROTOCOL_VERSION;
 use ddome_protocol::codec::{CodecConfig, DecodeError, EncodeError, ErrorFeedback};
@@ -42,6 +42,8 @@ pub struct AgentConfig {
     pub handshake_timeout: Duration,
     /// Limit on one personalisation-service request, from opening its stream to the answer.
     pub request_timeout: Duration,
+    /// Where local training runs (the CPU unless the binary picked a GPU).
+    pub train_device: Device,
 }
 
 impl AgentConfig {
@@ -57,6 +59,7 @@ impl AgentConfig {
             max_backoff: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(120),
+            train_device: cpu_device(),
         }
     }
 }
@@ -289,7 +292,7 @@ async fn converse(
                 // Confirmations precede the next task on this stream: an upload still
                 // unconfirmed now was refused.
                 state.settle(None);
-                match train(&spec, data, task, uplink, state).await {
+                match train(&spec, data, &config.train_device, task, uplink, state).await {
                     Ok(update) => {
                         state.unconfirmed = Some(UpdateId {
                             round: update.round,
@@ -412,6 +415,7 @@ fn rank(
 async fn train(
     spec: &ModelSpec,
     data: &LocalData,
+    train_device: &Device,
     task: TrainTask,
     uplink: CodecConfig,
     state: &mut AgentState,
@@ -471,6 +475,7 @@ async fn train(
     let indices = data.indices.clone();
     let spec_owned = *spec;
     let seed = task.seed;
+    let train_device = train_device.clone();
     let update: LocalUpdate = tokio::task::spawn_blocking(move || {
         let expert_params: Vec<&[f32]> = experts.iter().map(|(_, p)| p.as_slice()).collect();
         train_local(
@@ -484,7 +489,7 @@ async fn train(
             &indices,
             &train_config,
             seed,
-            &cpu_device().autodiff(),
+            &train_device.autodiff(),
         )
     })
     .await

@@ -16,7 +16,7 @@ pub mod params;
 mod train;
 
 pub use aggregate::{AggregateError, GlobalModel, aggregate_round, check_delta, fedavg_apply};
-pub use backend::cpu_device;
+pub use backend::{BackendChoice, BackendError, cpu_device, device, device_or_cpu};
 pub use common_expert::{
     CommonExpert, CommonExpertConfig, CommonExpertError, Threading, embed_cached,
 };

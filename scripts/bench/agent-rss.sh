@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Peak resident memory of `ddome-agent run` on one device holding IMAGES real CIFAR-10
+# images (ImageFolder, 10 classes), with the real common expert: it embeds them with tract,
+# then trains `head` experts for one DDOME round against a native coordinator and uploads.
+# Measured twice: a cold cache (embedding included) and a warm one (training only).
+#
+#   scripts/bench/agent-rss.sh [TARGET] [IMAGES] [PROFILE]
+#
+# TARGET is the host (default) or an ARM triple run under qemu-user; PROFILE is dev
+# (default), release or edge. The binaries must be built already (see BENCHMARKS.md).
+# Peak RSS comes from GNU time's "Maximum resident set size"; under qemu it includes the
+# emulator's own memory.
+set -euo pipefail
+target=${1:-host}
+images=${2:-2000}
+profile=${3:-dev}
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+
+dir=$([ "$profile" = dev ] && echo debug || echo "$profile")
+coordinator="target/$dir/ddome-coordinator"
+[ -x "$coordinator" ] || coordinator="target/debug/ddome-coordinator"
+case "$target" in
+    host) agent="target/$dir/ddome-agent"; qemu=() ;;
+    aarch64-*) agent="target/$target/$dir/ddome-agent"; qemu=(qemu-aarch64 -L /usr/aarch64-linux-gnu) ;;
+    armv7-*) agent="target/$target/$dir/ddome-agent"; qemu=(qemu-arm -L /usr/arm-linux-gnueabihf) ;;
+    *) echo "agent-rss: unknown target $target" >&2; exit 2 ;;
+esac
+for binary in "$agent" "$coordinator"; do
+    [ -x "$binary" ] || { echo "agent-rss: build $binary first" >&2; exit 1; }
+done
+
+work=$(mktemp -d)
+server_pid=
+cleanup() { [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+
+per_class=$((images / 10))
+for label_dir in data/cifar10-jpeg/train/*/; do
+    label=$(basename "$label_dir")
+    mkdir -p "$work/device/$label"
+    mapfile -t files < <(find "$label_dir" -name '*.jpg' | sort | head -n "$per_class")
+    cp "${files[@]}" "$work/device/$label/"
+done
+
+fingerprint=$("$coordinator" init "$work/state" | grep -Eo '[0-9a-f]{64}')
+"$coordinator" enroll "$work/state" device --anchor 0 > "$work/device.cred"
+
+# One round per run: the device is the only anchor and the only participant.
+run_once() { # name
+    rm -rf "$work/state-run" && cp -r "$work/state" "$work/state-run"
+    cat > "$work/federation.toml" <<TOML
+rounds = 1
+method = "ddome"
+experts = 2
+k = 1
+anchors_per_round = 1
+normals_per_round = 0
+min_updates = 1
+round_deadline_secs = 3600
+[model]
+classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+TOML
+    "$coordinator" serve "$work/state-run" --config "$work/federation.toml" --listen 127.0.0.1:0 \
+        > "$work/serve.out" 2> "$work/serve.err" &
+    server_pid=$!
+    for _ in $(seq 100); do grep -q '^listening' "$work/serve.out" && break; sleep 0.1; done
+    addr=$(awk '/^listening/ {print $2}' "$work/serve.out")
+    [ -n "$addr" ] || { cat "$work/serve.err" >&2; exit 1; }
+    /usr/bin/time -v "${qemu[@]}" "$agent" run --coordinator "$addr" --fingerprint "$fingerprint" \
+        --device device --credential-file "$work/device.cred" --data "$work/device" \
+        --cache-dir "$work/cache" > "$work/$1.out" 2> "$work/$1.err" &
+    local time_pid=$! agent_pid=
+    for _ in $(seq 100); do agent_pid=$(pgrep -P "$time_pid" || true); [ -n "$agent_pid" ] && break; sleep 0.01; done
+    # What the peak is made of: anonymous memory (heap, stacks) against file-backed pages
+    # (the binary's code and data), sampled every 20 ms at the largest RSS seen.
+    local peak_rss=0 peak_anon=0 peak_file=0
+    while [ -n "$agent_pid" ] && [ -r "/proc/$agent_pid/smaps_rollup" ]; do
+        read -r rss anon file < <(awk '/^Rss:/ {r=$2} /^Anonymous:/ {a=$2} END {print r+0, a+0, r-a}' \
+            "/proc/$agent_pid/smaps_rollup" 2>/dev/null || echo "0 0 0")
+        if [ "${rss:-0}" -gt "$peak_rss" ]; then peak_rss=$rss peak_anon=$anon peak_file=$file; fi
+        sleep 0.02
+    done
+    wait "$time_pid" || { cat "$work/$1.err" >&2; exit 1; }
+    wait "$server_pid"; server_pid=
+    grep -q "this device: 1 updates accepted" "$work/$1.out" ||
+        { echo "agent-rss: no update accepted" >&2; cat "$work/$1.err" >&2; exit 1; }
+    rss=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$work/$1.err")
+    wall=$(awk -F': ' '/Elapsed \(wall clock\)/ {print $2}' "$work/$1.err")
+    echo "agent-rss: $target $profile, $images images, $1: peak RSS $((rss / 1024)) MiB ($rss KiB), wall $wall;" \
+        "at the sampled peak $((peak_rss / 1024)) MiB: anonymous $((peak_anon / 1024)) MiB, file-backed $((peak_file / 1024)) MiB"
+}
+run_once cold   # embeds the images (tract), then trains
+run_once warm   # embeddings cached: trains only

@@ -29,7 +29,7 @@ server_pid=
 cleanup() { [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
 
-# Two devices of IMAGES real images each (default 12: qemu embeds about one image a second,
+# Two devices of IMAGES real images each (default 12: under qemu every image costs seconds,
 # and the smoke proves the path, not accuracy): the anchor holds expert 0's two labels, the
 # normal device four labels.
 images=${ARM_SMOKE_IMAGES:-12}

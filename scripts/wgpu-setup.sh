@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs Mesa's lavapipe, a Vulkan device that runs on the CPU, so that the `wgpu` feature
-# is built and tested on machines without a GPU (CI). Devices with a GPU need only its driver.
+# is built and tested on machines without a GPU. Devices with a GPU need only its driver.
 set -euo pipefail
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 if ! ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1; then

@@ -1,5 +1,5 @@
 //! The wgpu backend trains what the CPU trains. Runs with `--features wgpu` on any Vulkan,
-//! Metal or GL adapter; CI uses Mesa's lavapipe, a CPU Vulkan device, so it needs no GPU.
+//! Metal or GL adapter; on Mesa's lavapipe, a CPU Vulkan device, it needs no GPU.
 #![cfg(feature = "wgpu")]
 
 use ddome_models::{

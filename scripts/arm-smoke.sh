@@ -12,16 +12,13 @@ set -euo pipefail
 target=${1:-aarch64-unknown-linux-gnu}
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+source scripts/lib/local-federation.sh
 
 cargo build --locked -q -p ddome-agent --target "$target"
 cargo build --locked -q -p ddome-coordinator
 agent="target/$target/debug/ddome-agent"
 coordinator="target/debug/ddome-coordinator"
-case "$target" in
-    aarch64-*) qemu=(qemu-aarch64 -L /usr/aarch64-linux-gnu) ;;
-    armv7-*) qemu=(qemu-arm -L /usr/arm-linux-gnueabihf) ;;
-    *) echo "arm-smoke: unknown target $target" >&2; exit 2 ;;
-esac
+qemu_for "$target"
 [[ $(readelf -h "$agent") =~ Machine:\ +(AArch64|ARM) ]] || { echo "arm-smoke: $agent is not an ARM binary" >&2; exit 1; }
 
 work=$(mktemp -d)
@@ -64,12 +61,7 @@ fingerprint=$("$coordinator" init "$work/state" | grep -Eo '[0-9a-f]{64}')
 "$coordinator" enroll "$work/state" anchor --anchor 0 > "$work/anchor.cred"
 "$coordinator" enroll "$work/state" normal > "$work/normal.cred"
 "$coordinator" enroll "$work/state" newcomer > "$work/newcomer.cred"
-"$coordinator" serve "$work/state" --config "$work/federation.toml" --listen 127.0.0.1:0 \
-    --keep-serving > "$work/serve.out" 2> "$work/serve.err" &
-server_pid=$!
-for _ in $(seq 100); do grep -q '^listening' "$work/serve.out" && break; sleep 0.1; done
-addr=$(awk '/^listening/ {print $2}' "$work/serve.out")
-[ -n "$addr" ] || { cat "$work/serve.err" >&2; exit 1; }
+serve_in_background "$coordinator" "$work/state" "$work/federation.toml" "$work/serve" --keep-serving
 
 pids=()
 for device in anchor normal; do

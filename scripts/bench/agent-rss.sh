@@ -16,16 +16,13 @@ images=${2:-2000}
 profile=${3:-dev}
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
+source scripts/lib/local-federation.sh
 
 dir=$([ "$profile" = dev ] && echo debug || echo "$profile")
 coordinator="target/$dir/ddome-coordinator"
 [ -x "$coordinator" ] || coordinator="target/debug/ddome-coordinator"
-case "$target" in
-    host) agent="target/$dir/ddome-agent"; qemu=() ;;
-    aarch64-*) agent="target/$target/$dir/ddome-agent"; qemu=(qemu-aarch64 -L /usr/aarch64-linux-gnu) ;;
-    armv7-*) agent="target/$target/$dir/ddome-agent"; qemu=(qemu-arm -L /usr/arm-linux-gnueabihf) ;;
-    *) echo "agent-rss: unknown target $target" >&2; exit 2 ;;
-esac
+qemu_for "$target"
+if [ "$target" = host ]; then agent="target/$dir/ddome-agent"; else agent="target/$target/$dir/ddome-agent"; fi
 for binary in "$agent" "$coordinator"; do
     [ -x "$binary" ] || { echo "agent-rss: build $binary first" >&2; exit 1; }
 done
@@ -61,12 +58,7 @@ round_deadline_secs = 3600
 [model]
 classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 TOML
-    "$coordinator" serve "$work/state-run" --config "$work/federation.toml" --listen 127.0.0.1:0 \
-        > "$work/serve.out" 2> "$work/serve.err" &
-    server_pid=$!
-    for _ in $(seq 100); do grep -q '^listening' "$work/serve.out" && break; sleep 0.1; done
-    addr=$(awk '/^listening/ {print $2}' "$work/serve.out")
-    [ -n "$addr" ] || { cat "$work/serve.err" >&2; exit 1; }
+    serve_in_background "$coordinator" "$work/state-run" "$work/federation.toml" "$work/serve"
     /usr/bin/time -v "${qemu[@]}" "$agent" run --coordinator "$addr" --fingerprint "$fingerprint" \
         --device device --credential-file "$work/device.cred" --data "$work/device" \
         --cache-dir "$work/cache" > "$work/$1.out" 2> "$work/$1.err" &

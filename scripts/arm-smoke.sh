@@ -16,8 +16,8 @@ source scripts/lib/local-federation.sh
 
 cargo build --locked -q -p ddome-agent --target "$target"
 cargo build --locked -q -p ddome-coordinator
-agent="target/$target/debug/ddome-agent"
-coordinator="target/debug/ddome-coordinator"
+agent="$target_dir/$target/debug/ddome-agent"
+coordinator="$target_dir/debug/ddome-coordinator"
 qemu_for "$target"
 [[ $(readelf -h "$agent") =~ Machine:\ +(AArch64|ARM) ]] || { echo "arm-smoke: $agent is not an ARM binary" >&2; exit 1; }
 

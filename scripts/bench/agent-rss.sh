@@ -19,10 +19,10 @@ cd "$root"
 source scripts/lib/local-federation.sh
 
 dir=$([ "$profile" = dev ] && echo debug || echo "$profile")
-coordinator="target/$dir/ddome-coordinator"
-[ -x "$coordinator" ] || coordinator="target/debug/ddome-coordinator"
+coordinator="$target_dir/$dir/ddome-coordinator"
+[ -x "$coordinator" ] || coordinator="$target_dir/debug/ddome-coordinator"
 qemu_for "$target"
-if [ "$target" = host ]; then agent="target/$dir/ddome-agent"; else agent="target/$target/$dir/ddome-agent"; fi
+if [ "$target" = host ]; then agent="$target_dir/$dir/ddome-agent"; else agent="$target_dir/$target/$dir/ddome-agent"; fi
 for binary in "$agent" "$coordinator"; do
     [ -x "$binary" ] || { echo "agent-rss: build $binary first" >&2; exit 1; }
 done

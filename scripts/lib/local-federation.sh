@@ -1,5 +1,8 @@
 # Sourced by the scripts that run a real coordinator and agents on this machine
-# (arm-smoke.sh, bench/agent-rss.sh).
+# (arm-smoke.sh, bench/agent-rss.sh), from the repository root.
+
+# Where cargo put the binaries.
+target_dir=${CARGO_TARGET_DIR:-target}
 
 # Sets `qemu` to the qemu-user command that runs TARGET's binaries (empty for the host).
 qemu_for() { # target

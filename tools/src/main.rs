@@ -12,7 +12,7 @@ use ddome_datasets::{Partition, PartitionConfig, Skew, partition};
 use ddome_models::{ExpertKind, TrainConfig};
 use ddome_tools::bench::{BenchReport, machine_description};
 use ddome_tools::experiment::{DataConfig, Experiment};
-use ddome_tools::simulate::{self, Method, RoundMetrics, RunResult, SimConfig};
+use ddome_tools::simulate::{self, Method, MetricsCsv, RoundMetrics, RunResult, SimConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// The agent's allocator, so benches measure what devices run (see the agent's `main`).
@@ -413,6 +413,7 @@ fn run_with_progress(
     config: &SimConfig,
     experiment: &Experiment,
     partition: &Partition,
+    mut on_evaluation: impl FnMut(&RoundMetrics),
 ) -> Result<RunResult> {
     let bar = ProgressBar::new(config.rounds as u64);
     bar.set_style(
@@ -432,6 +433,7 @@ fn run_with_progress(
         |round, metrics: Option<&RoundMetrics>| {
             bar.set_position(round as u64);
             if let Some(m) = metrics {
+                on_evaluation(m);
                 bar.set_message(format!("zero-shot {:.1}%", 100.0 * m.zero_shot));
                 if !std::io::stderr().is_terminal() {
                     // No bar is drawn off a terminal (CI, logs): one line per evaluation.
@@ -461,22 +463,12 @@ fn simulate_command(args: SimulateArgs) -> Result<()> {
         experiment.train.len(),
     );
     let partition = make_partition(&args.federation, &experiment, args.seed)?;
-    let result = run_with_progress(&config, &experiment, &partition)?;
     fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let mut csv =
-        String::from("round,train_loss,zero_shot,zero_shot_std,zero_shot_mixture,elapsed_secs\n");
-    for m in &result.history {
-        csv.push_str(&format!(
-            "{},{:.6},{:.6},{:.6},{:.6},{:.3}\n",
-            m.round,
-            m.train_loss,
-            m.zero_shot,
-            m.zero_shot_std,
-            m.zero_shot_mixture,
-            m.elapsed_secs
-        ));
-    }
-    write(&args.out.join("metrics.csv"), csv)?;
+    // Rows are appended as evaluations arrive, so a long run that is stopped keeps them.
+    let csv_path = args.out.join("metrics.csv");
+    let mut csv = MetricsCsv::create(&csv_path)?;
+    let result = run_with_progress(&config, &experiment, &partition, |m| csv.append(m))?;
+    csv.finish()?;
     write(
         &args.out.join("metrics.json"),
         serde_json::to_string_pretty(&result.history)?,
@@ -513,7 +505,7 @@ fn bench_command(mut args: BenchArgs) -> Result<()> {
         let partition = make_partition(&args.federation, &experiment, seed)?;
         for &method in &args.methods {
             let config = sim_config(&args.federation, method, seed, experiment.train.len());
-            runs.push(run_with_progress(&config, &experiment, &partition)?);
+            runs.push(run_with_progress(&config, &experiment, &partition, |_| {})?);
         }
     }
     let f = &args.federation;

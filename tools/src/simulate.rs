@@ -2,6 +2,9 @@
 //! replaced by function calls. Local training, aggregation and participant selection are the
 //! library functions the agent and the coordinator use.
 
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -736,6 +739,56 @@ fn anchor_routing(
     Ok(shares)
 }
 
+/// `metrics.csv`, one row per evaluated round, flushed as each row is written.
+pub struct MetricsCsv {
+    path: PathBuf,
+    file: fs::File,
+    /// The first write error; the run goes on and the error is reported when it ends.
+    error: Option<std::io::Error>,
+}
+
+impl MetricsCsv {
+    pub fn create(path: &Path) -> Result<Self> {
+        let mut file =
+            fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        writeln!(
+            file,
+            "round,train_loss,zero_shot,zero_shot_std,zero_shot_mixture,elapsed_secs"
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            error: None,
+        })
+    }
+
+    pub fn append(&mut self, m: &RoundMetrics) {
+        if self.error.is_some() {
+            return;
+        }
+        let row = writeln!(
+            self.file,
+            "{},{:.6},{:.6},{:.6},{:.6},{:.3}",
+            m.round,
+            m.train_loss,
+            m.zero_shot,
+            m.zero_shot_std,
+            m.zero_shot_mixture,
+            m.elapsed_secs
+        )
+        .and_then(|()| self.file.flush());
+        self.error = row.err();
+    }
+
+    pub fn finish(self) -> Result<()> {
+        match self.error {
+            Some(e) => Err(e).with_context(|| format!("writing {}", self.path.display())),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Mean and population standard deviation.
 pub fn mean_std(values: &[f64]) -> (f64, f64) {
     if values.is_empty() {
@@ -848,6 +901,47 @@ mod tests {
         assert_eq!(r.zero_shot.per_device.len(), 4);
         assert_eq!(r.anchor_routing.len(), 3);
         assert!(r.zero_shot.selected.iter().all(|s| s.len() == 2));
+    }
+
+    #[test]
+    fn metrics_csv_holds_each_row_as_soon_as_it_is_appended() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.csv");
+        let mut csv = MetricsCsv::create(&path).unwrap();
+        let row = |round| RoundMetrics {
+            round,
+            train_loss: 2.0,
+            zero_shot: 0.25,
+            zero_shot_std: 0.05,
+            zero_shot_mixture: 0.5,
+            anchor_routing: vec![],
+            elapsed_secs: 1.5,
+        };
+        csv.append(&row(10));
+        // Readable before the run ends: a run stopped here keeps its first evaluation.
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text.lines().collect::<Vec<_>>(),
+            [
+                "round,train_loss,zero_shot,zero_shot_std,zero_shot_mixture,elapsed_secs",
+                "10,2.000000,0.250000,0.050000,0.500000,1.500",
+            ]
+        );
+        csv.append(&row(20));
+        csv.finish().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text.lines().nth(2),
+            Some("20,2.000000,0.250000,0.050000,0.500000,1.500")
+        );
+    }
+
+    #[test]
+    fn metrics_csv_in_a_missing_directory_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("absent").join("metrics.csv");
+        let err = MetricsCsv::create(&path).err().unwrap();
+        assert!(format!("{err:#}").contains("absent/metrics.csv"), "{err:#}");
     }
 
     #[test]

@@ -42,8 +42,9 @@ enum Command {
 struct RunArgs {
     #[command(flatten)]
     connect: ConnectArgs,
-    /// Where local training runs: ndarray (the CPU) or wgpu (a GPU through Vulkan, Metal or
-    /// GL; builds with `--features wgpu`).
+    /// Where local training runs: ndarray (the CPU), flex (the CPU, burn's newer backend;
+    /// builds with `--features flex`) or wgpu (a GPU through Vulkan, Metal or GL; builds
+    /// with `--features wgpu`).
     #[arg(long, default_value_t = BackendChoice::Ndarray)]
     backend: BackendChoice,
     /// With `--backend wgpu`, fail when no adapter starts instead of training on the CPU.

@@ -12,8 +12,20 @@ pub fn cpu_device() -> Device {
     Device::ndarray()
 }
 
+/// Whether burn's own convolution beats the `cnn` expert's im2col on `device`: on flex,
+/// measured; ndarray's weight gradient is the slow case im2col exists for.
+pub(crate) fn convolves_natively(device: &Device) -> bool {
+    #[cfg(feature = "flex")]
+    if *device == Device::flex() {
+        return true;
+    }
+    let _ = device;
+    false
+}
+
 /// The backend a device trains with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BackendChoice {
     /// burn's ndarray backend on the CPU: the default, and the one whose results the
     /// simulator reproduces bit for bit.
@@ -23,6 +35,9 @@ pub enum BackendChoice {
     /// GPU, or Mesa's lavapipe on a CPU). Needs the `wgpu` feature. Sums run in another
     /// order than on the CPU, so results match ndarray's to float rounding, not bit for bit.
     Wgpu,
+    /// burn's flex backend on the CPU, which burn 0.22 names ndarray's successor. Needs the
+    /// `flex` feature; benchmarked against ndarray by `ddome bench train --backend flex`.
+    Flex,
 }
 
 impl fmt::Display for BackendChoice {
@@ -30,6 +45,7 @@ impl fmt::Display for BackendChoice {
         f.write_str(match self {
             BackendChoice::Ndarray => "ndarray",
             BackendChoice::Wgpu => "wgpu",
+            BackendChoice::Flex => "flex",
         })
     }
 }
@@ -41,6 +57,7 @@ impl FromStr for BackendChoice {
         match s {
             "ndarray" | "cpu" => Ok(BackendChoice::Ndarray),
             "wgpu" | "gpu" => Ok(BackendChoice::Wgpu),
+            "flex" => Ok(BackendChoice::Flex),
             other => Err(BackendError::Unknown(other.to_string())),
         }
     }
@@ -50,7 +67,7 @@ impl FromStr for BackendChoice {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BackendError {
     /// Not a backend name.
-    #[error("unknown backend {0:?}: expected ndarray or wgpu")]
+    #[error("unknown backend {0:?}: expected ndarray, flex or wgpu")]
     Unknown(String),
     /// This binary was built without the backend.
     #[error("this build has no {0} backend: rebuild with `--features {0}`")]
@@ -66,6 +83,7 @@ pub fn device(choice: BackendChoice) -> Result<Device, BackendError> {
     match choice {
         BackendChoice::Ndarray => Ok(cpu_device()),
         BackendChoice::Wgpu => wgpu_device(),
+        BackendChoice::Flex => flex_device(),
     }
 }
 
@@ -105,6 +123,16 @@ fn wgpu_device() -> Result<Device, BackendError> {
     Err(BackendError::NotBuilt(BackendChoice::Wgpu))
 }
 
+#[cfg(feature = "flex")]
+fn flex_device() -> Result<Device, BackendError> {
+    Ok(Device::flex())
+}
+
+#[cfg(not(feature = "flex"))]
+fn flex_device() -> Result<Device, BackendError> {
+    Err(BackendError::NotBuilt(BackendChoice::Flex))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +141,7 @@ mod tests {
     fn names_parse_and_unknown_ones_are_refused() {
         assert_eq!("ndarray".parse(), Ok(BackendChoice::Ndarray));
         assert_eq!("wgpu".parse(), Ok(BackendChoice::Wgpu));
+        assert_eq!("flex".parse(), Ok(BackendChoice::Flex));
         assert_eq!(
             "cuda".parse::<BackendChoice>(),
             Err(BackendError::Unknown("cuda".into()))
@@ -133,5 +162,30 @@ mod tests {
         );
         let (_, chosen) = device_or_cpu(BackendChoice::Wgpu, true).unwrap();
         assert_eq!(chosen, BackendChoice::Ndarray);
+    }
+
+    #[cfg(not(feature = "flex"))]
+    #[test]
+    fn without_the_feature_flex_is_an_error_naming_the_feature() {
+        let err = device(BackendChoice::Flex).unwrap_err();
+        assert_eq!(err, BackendError::NotBuilt(BackendChoice::Flex));
+        assert!(err.to_string().contains("--features flex"), "{err}");
+    }
+
+    #[cfg(feature = "flex")]
+    #[test]
+    fn flex_runs_a_matrix_product_like_ndarray() {
+        let a = [[1.0f32, 2.0], [3.0, 4.0]];
+        let product = |device: &Device| {
+            let t = burn::tensor::Tensor::<2>::from_floats(a, device);
+            t.clone()
+                .matmul(t)
+                .into_data()
+                .try_into_vec::<f32>()
+                .unwrap()
+        };
+        let flex = device(BackendChoice::Flex).unwrap();
+        assert_eq!(product(&flex), product(&cpu_device()));
+        assert_eq!(product(&flex), vec![7.0, 10.0, 15.0, 22.0]);
     }
 }

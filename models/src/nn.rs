@@ -156,19 +156,31 @@ impl CnnExpert {
     }
 }
 
-/// One of the `cnn` expert's 3×3 convolutions (padding 1, its stride, its bias) as a matrix
-/// product per image over the nine shifted copies of the input (im2col).
+/// One of the `cnn` expert's 3×3 convolutions (padding 1, its stride, its bias).
 ///
 /// burn's ndarray backend convolves directly: fine forward, but its weight gradient is a
 /// convolution whose kernel is the whole feature map, and a training step ran about 100×
-/// slower than PyTorch's (`ddome bench train`). As matrix products, forward and backward
-/// go through the GEMM. The sum runs in another order than the direct convolution's, so
-/// results differ from it by float rounding; they are as deterministic.
+/// slower than PyTorch's (`ddome bench train`). On ndarray the convolution is therefore
+/// written as matrix products ([`conv3x3_im2col`]). burn's flex backend has its own tiled
+/// im2col and GEMM and trains the expert in half the time of our im2col on it (BENCHMARKS.md),
+/// so it convolves natively. wgpu keeps the matrix products until the two are measured there.
 ///
 /// # Shapes
 /// - x: `[batch, in, height, width]`
 /// - output: `[batch, out, ceil(height / stride), ceil(width / stride)]`
 fn conv3x3(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    if crate::backend::convolves_natively(&x.device()) {
+        conv.forward(x)
+    } else {
+        conv3x3_im2col(conv, x)
+    }
+}
+
+/// [`conv3x3`] as a matrix product per image over the nine shifted copies of the input
+/// (im2col), so that forward and backward go through the GEMM. The sum runs in another
+/// order than a direct convolution's, so results differ from it by float rounding; they
+/// are as deterministic.
+fn conv3x3_im2col(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     let [batch, channels, height, width] = x.dims();
     let weight = conv.weight.val(); // [out, in, 3, 3]
     let [out, _, kernel, _] = weight.dims();
@@ -241,6 +253,41 @@ impl Expert {
                     .clone()
                     .expect("a cnn expert is only built when the spec carries pixels"),
             ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu_device;
+    use burn::tensor::Distribution;
+
+    /// The im2col convolution and burn's own agree (to float rounding) for both strides the
+    /// expert uses, odd sides included, on every CPU backend this build has.
+    #[test]
+    fn im2col_convolution_matches_burns_own() {
+        let devices = [
+            cpu_device(),
+            #[cfg(feature = "flex")]
+            Device::flex(),
+        ];
+        for device in devices {
+            for stride in [1, 2] {
+                let conv = Conv2dConfig::new([3, 4], [3, 3])
+                    .with_stride([stride, stride])
+                    .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                    .init(&device);
+                let x = Tensor::<4>::random([2, 3, 7, 6], Distribution::Normal(0.0, 1.0), &device);
+                let ours = conv3x3_im2col(&conv, x.clone());
+                let burns = conv.forward(x);
+                assert_eq!(ours.dims(), burns.dims(), "stride {stride}");
+                let largest_gap = (ours - burns).abs().max().into_scalar::<f32>();
+                assert!(
+                    largest_gap < 1e-5,
+                    "{device:?}, stride {stride}: {largest_gap}"
+                );
+            }
         }
     }
 }

@@ -31,8 +31,8 @@ use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::{Int, Tensor};
 use ddome_datasets::{ImageSet, ImageShape};
 use ddome_models::{
-    Device, Expert, ExpertInput, ExpertKind, Features, ModelSpec, PixelShape, Received, Role,
-    TrainConfig, cpu_device, cross_entropy, params, train_local,
+    BackendChoice, Device, Expert, ExpertInput, ExpertKind, Features, ModelSpec, PixelShape,
+    Received, Role, TrainConfig, cross_entropy, params, train_local,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -126,6 +126,10 @@ pub struct TrainArgs {
     /// Seed of the synthetic data and the initial parameters.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// burn's CPU backend: ndarray (shipped) or flex (its successor; build with
+    /// `--features flex`).
+    #[arg(long, default_value_t = BackendChoice::Ndarray)]
+    backend: BackendChoice,
     /// Python with torch (scripts/bench/setup-python.sh installs it).
     #[arg(long, default_value = crate::python_worker::DEFAULT_PYTHON)]
     python: PathBuf,
@@ -178,6 +182,9 @@ pub struct TrainBenchConfig {
     pub min_sample_secs: f64,
     /// Seed.
     pub seed: u64,
+    /// burn's backend.
+    #[serde(default)]
+    pub backend: BackendChoice,
     /// Python with torch.
     pub python: PathBuf,
     /// `scripts/bench/torch_train.py`.
@@ -283,6 +290,7 @@ pub fn command(args: TrainArgs, command_line: String) -> Result<()> {
         repeats: args.repeats,
         min_sample_secs: args.min_sample_secs,
         seed: args.seed,
+        backend: args.backend,
         python: args.python,
         script: args.script,
     };
@@ -546,7 +554,7 @@ fn measure_case(
     torch: &mut PythonWorker,
     work: &Path,
 ) -> Result<TrainCaseResult> {
-    let device = cpu_device().autodiff();
+    let device = ddome_models::device(config.backend)?.autodiff();
     let spec = spec(config, case);
     let initial = params::init(&spec.expert(&device), config.seed);
     let data = synthetic_features(config, case);
@@ -777,7 +785,8 @@ pub fn markdown(report: &TrainBenchReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "# Local training: burn (ndarray) against PyTorch (CPU)\n"
+        "# Local training: burn ({}) against PyTorch (CPU)\n",
+        c.backend
     );
     let _ = writeln!(out, "- command: `{}`", report.command);
     let _ = writeln!(out, "- machine: {}", report.machine);
@@ -843,6 +852,7 @@ pub fn markdown(report: &TrainBenchReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ddome_models::cpu_device;
 
     fn config() -> TrainBenchConfig {
         TrainBenchConfig {
@@ -858,6 +868,7 @@ mod tests {
             repeats: 1,
             min_sample_secs: 0.0,
             seed: 0,
+            backend: BackendChoice::Ndarray,
             python: DEFAULT_PYTHON_PATH.into(),
             script: "scripts/bench/torch_train.py".into(),
         }

@@ -8,6 +8,9 @@
 #
 # TARGET is the host (default) or an ARM triple run under qemu-user; PROFILE is dev
 # (default), release or edge. The binaries must be built already (see BENCHMARKS.md).
+# With AGENT_RSS_EMBED_ON_HOST=1 an ARM run skips its cold run: the host's dev agent fills
+# the embedding cache (embedding thousands of images under qemu takes hours), and the ARM
+# agent then trains from it (the warm run).
 # Peak RSS comes from GNU time's "Maximum resident set size"; under qemu it includes the
 # emulator's own memory.
 set -euo pipefail
@@ -44,7 +47,10 @@ fingerprint=$("$coordinator" init "$work/state" | grep -Eo '[0-9a-f]{64}')
 "$coordinator" enroll "$work/state" device --anchor 0 > "$work/device.cred"
 
 # One round per run: the device is the only anchor and the only participant.
-run_once() { # name
+run_once() { # name [command that runs the agent, default: the target's under its runner]
+    local name=$1; shift
+    local runner=("$@")
+    [ ${#runner[@]} -gt 0 ] || runner=("${qemu[@]}" "$agent")
     rm -rf "$work/state-run" && cp -r "$work/state" "$work/state-run"
     cat > "$work/federation.toml" <<TOML
 rounds = 1
@@ -59,9 +65,9 @@ round_deadline_secs = 3600
 classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 TOML
     serve_in_background "$coordinator" "$work/state-run" "$work/federation.toml" "$work/serve"
-    /usr/bin/time -v "${qemu[@]}" "$agent" run --coordinator "$addr" --fingerprint "$fingerprint" \
+    /usr/bin/time -v "${runner[@]}" run --coordinator "$addr" --fingerprint "$fingerprint" \
         --device device --credential-file "$work/device.cred" --data "$work/device" \
-        --cache-dir "$work/cache" > "$work/$1.out" 2> "$work/$1.err" &
+        --cache-dir "$work/cache" > "$work/$name.out" 2> "$work/$name.err" &
     local time_pid=$! agent_pid=
     for _ in $(seq 100); do agent_pid=$(pgrep -P "$time_pid" || true); [ -n "$agent_pid" ] && break; sleep 0.01; done
     # What the peak is made of: anonymous memory (heap, stacks) against file-backed pages
@@ -73,14 +79,20 @@ TOML
         if [ "${rss:-0}" -gt "$peak_rss" ]; then peak_rss=$rss peak_anon=$anon peak_file=$file; fi
         sleep 0.02
     done
-    wait "$time_pid" || { cat "$work/$1.err" >&2; exit 1; }
+    wait "$time_pid" || { cat "$work/$name.err" >&2; exit 1; }
     wait "$server_pid"; server_pid=
-    grep -q "this device: 1 updates accepted" "$work/$1.out" ||
-        { echo "agent-rss: no update accepted" >&2; cat "$work/$1.err" >&2; exit 1; }
-    rss=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$work/$1.err")
-    wall=$(awk -F': ' '/Elapsed \(wall clock\)/ {print $2}' "$work/$1.err")
-    echo "agent-rss: $target $profile, $images images, $1: peak RSS $((rss / 1024)) MiB ($rss KiB), wall $wall;" \
+    grep -q "this device: 1 updates accepted" "$work/$name.out" ||
+        { echo "agent-rss: no update accepted" >&2; cat "$work/$name.err" >&2; exit 1; }
+    rss=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$work/$name.err")
+    wall=$(awk -F': ' '/Elapsed \(wall clock\)/ {print $2}' "$work/$name.err")
+    echo "agent-rss: $target $profile, $images images, $name: peak RSS $((rss / 1024)) MiB ($rss KiB), wall $wall;" \
         "at the sampled peak $((peak_rss / 1024)) MiB: anonymous $((peak_anon / 1024)) MiB, file-backed $((peak_file / 1024)) MiB"
 }
-run_once cold   # embeds the images (tract), then trains
+if [ "${AGENT_RSS_EMBED_ON_HOST:-0}" = 1 ] && [ "$target" != host ]; then
+    host_agent="$target_dir/debug/ddome-agent"
+    [ -x "$host_agent" ] || { echo "agent-rss: build $host_agent first" >&2; exit 1; }
+    run_once host-embeds "$host_agent" >/dev/null   # fills the cache; its numbers are the host's
+else
+    run_once cold   # embeds the images (tract), then trains
+fi
 run_once warm   # embeddings cached: trains only

@@ -469,6 +469,9 @@ async fn train(
         gate_lr: s.gate_lr,
         momentum: s.momentum,
         prox_mu: s.prox_mu,
+        // The protocol carries the paper's joint gate training only; the switch is a
+        // simulator ablation (BENCHMARKS.md, "Separating the two causes").
+        normals_train_gate: true,
     };
     // Training is CPU-bound: keep it off the runtime's threads.
     let features = Arc::clone(&data.features);

@@ -30,6 +30,15 @@ pub struct TrainConfig {
     pub momentum: f64,
     /// FedProx proximal weight μ; 0 disables the term.
     pub prox_mu: f64,
+    /// Whether normal devices train the gate through the mixture loss (DDOME.md's choice,
+    /// the default). When false only anchors train it, and a normal device uses the gate it
+    /// received as fixed mixture weights and sends no gate delta.
+    #[serde(default = "default_true")]
+    pub normals_train_gate: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for TrainConfig {
@@ -41,6 +50,7 @@ impl Default for TrainConfig {
             gate_lr: 0.001,
             momentum: 0.9,
             prox_mu: 0.0,
+            normals_train_gate: true,
         }
     }
 }
@@ -197,6 +207,7 @@ pub fn train_local(
         });
     }
 
+    let gate_frozen = matches!(role, Role::Normal { .. }) && !cfg.normals_train_gate;
     let mut gate: Option<Gate> = match received.gate {
         Some(flat) => Some(params::load(spec.gate(device), flat, "gate")?),
         None => None,
@@ -233,7 +244,11 @@ pub fn train_local(
                 .collect();
             let mut loss = match (role, &gate) {
                 (Role::Normal { experts: ids }, Some(gate)) => mixture_nll(
-                    gate.forward(input.embeddings.clone()),
+                    if gate_frozen {
+                        gate.forward(input.embeddings.clone()).detach()
+                    } else {
+                        gate.forward(input.embeddings.clone())
+                    },
                     ids,
                     expert_logits,
                     &labels,
@@ -271,7 +286,7 @@ pub fn train_local(
             batches += 1;
 
             let mut grads = loss.backward();
-            if let Some(g) = gate.take() {
+            if let Some(g) = gate.take_if(|_| !gate_frozen) {
                 let gate_grads = GradientsParams::from_module(&mut grads, &g);
                 gate = Some(gate_optim.step(cfg.gate_lr, g, gate_grads));
             }
@@ -286,6 +301,7 @@ pub fn train_local(
     Ok(LocalUpdate {
         gate_delta: gate
             .as_ref()
+            .filter(|_| !gate_frozen)
             .zip(received.gate)
             .map(|(g, old)| delta(params::flatten(g), old)),
         expert_deltas: expert_ids
@@ -297,4 +313,97 @@ pub fn train_local(
         samples: indices.len(),
         mean_loss: (loss_sum / batches.max(1) as f64) as f32,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu_device;
+    use crate::nn::ExpertKind;
+
+    fn spec() -> ModelSpec {
+        ModelSpec {
+            embedding_dim: 4,
+            classes: 3,
+            experts: 3,
+            gate_hidden: 5,
+            expert: ExpertKind::Head { hidden: 6 },
+            pixels: None,
+        }
+    }
+
+    fn data() -> Features {
+        let embeddings: Vec<f32> = (0..8 * 4)
+            .map(|i| ((i * 7 % 11) as f32 - 5.0) / 4.0)
+            .collect();
+        Features {
+            embeddings,
+            dim: 4,
+            labels: vec![0, 1, 2, 1, 0, 2, 2, 0],
+            pixels: None,
+        }
+    }
+
+    fn normal_round(cfg: &TrainConfig) -> LocalUpdate {
+        let spec = spec();
+        let cpu = cpu_device();
+        let gate = params::init(&spec.gate(&cpu), 1);
+        let experts: Vec<Vec<f32>> = [0, 2]
+            .iter()
+            .map(|e| params::init(&spec.expert(&cpu), 10 + e))
+            .collect();
+        let expert_refs: Vec<&[f32]> = experts.iter().map(Vec::as_slice).collect();
+        train_local(
+            &spec,
+            Received {
+                gate: Some(&gate),
+                experts: &expert_refs,
+            },
+            &Role::Normal {
+                experts: vec![0, 2],
+            },
+            &data(),
+            &(0..8).collect::<Vec<_>>(),
+            cfg,
+            3,
+            &cpu.autodiff(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_normal_device_with_a_frozen_gate_sends_no_gate_delta_and_mixes_with_the_received_gate() {
+        // One batch: the experts' step is taken before the gate could move, so both settings
+        // must give the same expert deltas; only the gate delta differs.
+        let one_batch = TrainConfig {
+            batch_size: 8,
+            ..TrainConfig::default()
+        };
+        let joint = normal_round(&one_batch);
+        let frozen = normal_round(&TrainConfig {
+            normals_train_gate: false,
+            ..one_batch
+        });
+        assert!(
+            joint
+                .gate_delta
+                .is_some_and(|d| d.iter().any(|v| *v != 0.0))
+        );
+        assert_eq!(frozen.gate_delta, None);
+        assert_eq!(frozen.expert_deltas, joint.expert_deltas);
+
+        // Several batches: the joint run's gate moves between them and changes the mixture
+        // the experts learn from; the frozen run's does not.
+        let batches = TrainConfig {
+            batch_size: 2,
+            ..TrainConfig::default()
+        };
+        let joint = normal_round(&batches);
+        let frozen = normal_round(&TrainConfig {
+            normals_train_gate: false,
+            ..batches
+        });
+        assert_eq!(frozen.gate_delta, None);
+        assert_ne!(frozen.expert_deltas, joint.expert_deltas);
+    }
 }

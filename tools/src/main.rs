@@ -220,6 +220,9 @@ struct FederationArgs {
     /// FedProx μ.
     #[arg(long, default_value_t = 0.01)]
     prox_mu: f64,
+    /// Whether normal devices train the gate (DDOME.md's choice); `false`: only anchors do.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    normals_train_gate: bool,
     /// Devices trained concurrently (results do not depend on it).
     #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
     threads: usize,
@@ -385,6 +388,7 @@ fn sim_config(f: &FederationArgs, method: Method, seed: u64, train_len: usize) -
             gate_lr: f.gate_lr,
             momentum: f.momentum,
             prox_mu: 0.0,
+            normals_train_gate: f.normals_train_gate,
         },
         prox_mu: f.prox_mu,
         seed,

@@ -638,6 +638,7 @@ fn measure_case(
         gate_lr: config.lr,
         momentum: config.momentum,
         prox_mu: 0.0,
+        normals_train_gate: true,
     };
     let indices: Vec<usize> = (0..config.samples).collect();
     let loop_steps = config.samples.div_ceil(config.batch);

@@ -552,10 +552,14 @@ async fn a_restarted_coordinator_resumes_and_loses_no_accepted_update() {
     })
     .await
     .expect("rebinding succeeds");
+    // Usually the abort lands mid-round 1; on a fast machine the round's last uploads can
+    // complete it first. Either way the restart must resume from at least what was observed.
     let resumed_with = *restarted.progress().borrow();
-    assert_eq!(resumed_with.rounds_completed, 1);
     assert!(
-        resumed_with.accepted_in_round >= 2,
+        (
+            resumed_with.rounds_completed,
+            resumed_with.accepted_in_round
+        ) >= (1, 2),
         "the accepted updates of round 1 survived the restart: {resumed_with:?}"
     );
     let report = tokio::time::timeout(LIMIT, restarted.finished())

@@ -159,14 +159,7 @@ mod tests {
     use crate::features::Features;
 
     fn spec() -> ModelSpec {
-        ModelSpec {
-            embedding_dim: 4,
-            classes: 3,
-            experts: 3,
-            gate_hidden: 5,
-            expert: ExpertKind::Head { hidden: 6 },
-            pixels: None,
-        }
+        crate::nn::tiny_test_spec()
     }
 
     fn setup() -> (Vec<f32>, Vec<Vec<f32>>, Features) {

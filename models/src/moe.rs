@@ -247,18 +247,11 @@ mod tests {
     use super::*;
     use crate::backend::cpu_device;
     use crate::features::Features;
-    use crate::nn::{ExpertKind, ModelSpec};
+    use crate::nn::ModelSpec;
     use crate::params;
 
     fn spec() -> ModelSpec {
-        ModelSpec {
-            embedding_dim: 4,
-            classes: 3,
-            experts: 3,
-            gate_hidden: 5,
-            expert: ExpertKind::Head { hidden: 6 },
-            pixels: None,
-        }
+        crate::nn::tiny_test_spec()
     }
 
     fn data() -> Features {

@@ -257,6 +257,19 @@ impl Expert {
     }
 }
 
+/// A head-expert spec small enough for exact and finite-difference checks in unit tests.
+#[cfg(test)]
+pub(crate) fn tiny_test_spec() -> ModelSpec {
+    ModelSpec {
+        embedding_dim: 4,
+        classes: 3,
+        experts: 3,
+        gate_hidden: 5,
+        expert: ExpertKind::Head { hidden: 6 },
+        pixels: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

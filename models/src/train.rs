@@ -319,17 +319,9 @@ pub fn train_local(
 mod tests {
     use super::*;
     use crate::backend::cpu_device;
-    use crate::nn::ExpertKind;
 
     fn spec() -> ModelSpec {
-        ModelSpec {
-            embedding_dim: 4,
-            classes: 3,
-            experts: 3,
-            gate_hidden: 5,
-            expert: ExpertKind::Head { hidden: 6 },
-            pixels: None,
-        }
+        crate::nn::tiny_test_spec()
     }
 
     fn data() -> Features {

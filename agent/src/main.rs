@@ -140,6 +140,7 @@ impl PartitionArgs {
             samples_per_device: self.samples_per_device,
             test_devices: self.test_devices,
             test_samples_per_device: self.test_samples,
+            validation_devices: 0,
             seed: self.seed,
         }
     }

@@ -33,6 +33,7 @@ pub use folder::{decode_image, load_image_folder, load_image_folder_split};
 pub use idx::load_fashion_mnist;
 pub use image_set::{ImageSet, ImageShape, Split};
 pub use partition::{
-    DeviceData, Partition, PartitionConfig, PartitionError, Skew, label_histogram, partition,
+    DeviceData, Partition, PartitionConfig, PartitionError, Skew, VALIDATION_HOLDOUT,
+    label_histogram, partition,
 };
 pub use synthetic::synthetic;

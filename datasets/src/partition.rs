@@ -60,6 +60,11 @@ pub struct PartitionConfig {
     pub test_devices: usize,
     /// Samples per test device.
     pub test_samples_per_device: usize,
+    /// Validation devices, built like the test devices but from training images held out of
+    /// every training device, so that settings can be chosen without reading the test
+    /// devices. 0 (the default) holds nothing out and leaves the partition as it was.
+    #[serde(default)]
+    pub validation_devices: usize,
     /// Seed of every random choice.
     pub seed: u64,
 }
@@ -67,7 +72,8 @@ pub struct PartitionConfig {
 /// One device's share of a dataset.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceData {
-    /// Position of this device in [`Partition::train`] or [`Partition::test`].
+    /// Position of this device in [`Partition::train`], [`Partition::test`] or
+    /// [`Partition::validation`].
     pub id: usize,
     /// Indices into the train `ImageSet` (for test devices, the test `ImageSet`); repeats
     /// possible where sampling is with replacement.
@@ -86,6 +92,10 @@ pub struct Partition {
     pub train: Vec<DeviceData>,
     /// Zero-shot test devices.
     pub test: Vec<DeviceData>,
+    /// Zero-shot validation devices: images of the train split that no training device holds,
+    /// in label combinations (under label skew) that no training device has.
+    #[serde(default)]
+    pub validation: Vec<DeviceData>,
 }
 
 /// Why a partition cannot be built.
@@ -150,20 +160,34 @@ pub enum PartitionError {
         /// The empty class.
         class: usize,
     },
-    /// Not enough label combinations are absent from training for the zero-shot test devices.
+    /// Not enough label combinations are absent from training for the zero-shot test (or
+    /// validation) devices.
     #[error(
         "only {available} of the {total} combinations of {labels_per_device} labels never occur \
-         on a training device, but {requested} zero-shot test devices were requested"
+         on a training device, but {requested} zero-shot {kind} devices were requested"
     )]
     TooFewUnseenCombinations {
+        /// `"test"` or `"validation"`.
+        kind: &'static str,
         /// Unseen combinations.
         available: u128,
         /// All combinations of `labels_per_device` out of the classes.
         total: u128,
         /// The configured L.
         labels_per_device: usize,
-        /// The configured number of test devices.
+        /// The configured number of test or validation devices.
         requested: usize,
+    },
+    /// A class has too few training samples to hold some out for validation and keep some.
+    #[error(
+        "class {class} has {samples} train samples: too few to hold some out for validation \
+         devices and keep some for training"
+    )]
+    TooFewToHoldOut {
+        /// The class.
+        class: usize,
+        /// Its train samples.
+        samples: usize,
     },
 }
 
@@ -172,6 +196,11 @@ pub enum PartitionError {
 const STREAM_ANCHORS: u64 = 0;
 const STREAM_DEVICES: u64 = 1;
 const STREAM_TEST: u64 = 2;
+const STREAM_VALIDATION: u64 = 3;
+
+/// Share of each class's train samples held out for validation devices, when any are
+/// requested.
+pub const VALIDATION_HOLDOUT: f64 = 0.1;
 
 /// Combination spaces up to this size are enumerated; larger ones are rejection-sampled.
 const ENUMERATE_LIMIT: u128 = 1 << 20;
@@ -179,7 +208,12 @@ const ENUMERATE_LIMIT: u128 = 1 << 20;
 const DIRICHLET_RETRIES: usize = 64;
 
 /// Splits a dataset over `cfg.devices` training devices (the first `cfg.anchors` of them
-/// anchors) and `cfg.test_devices` zero-shot test devices. Deterministic in `cfg.seed`.
+/// anchors), `cfg.test_devices` zero-shot test devices and `cfg.validation_devices`
+/// zero-shot validation devices. Deterministic in `cfg.seed`.
+///
+/// - Validation: when validation devices are requested, [`VALIDATION_HOLDOUT`] of each
+///   class's train samples is set aside first; training devices never draw from it, and the
+///   validation devices are built from it as the test devices are built from the test split.
 ///
 /// - Anchors: the classes, shuffled, are cut into `anchors` disjoint groups whose sizes
 ///   differ by at most one; anchor `i` draws its samples with replacement from the pooled
@@ -198,12 +232,23 @@ pub fn partition(
     cfg: &PartitionConfig,
 ) -> Result<Partition, PartitionError> {
     validate(num_classes, cfg)?;
-    let train_pools = class_pools(train_labels, num_classes, "train", cfg.devices > 0)?;
+    let mut train_pools = class_pools(
+        train_labels,
+        num_classes,
+        "train",
+        cfg.devices + cfg.validation_devices > 0,
+    )?;
     let test_pools = class_pools(test_labels, num_classes, "test", cfg.test_devices > 0)?;
     let rng_for = |stream| {
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         rng.set_stream(stream);
         rng
+    };
+    let mut validation_rng = rng_for(STREAM_VALIDATION);
+    let validation_pools = if cfg.validation_devices > 0 {
+        hold_out(&mut train_pools, VALIDATION_HOLDOUT, &mut validation_rng)?
+    } else {
+        Vec::new()
     };
 
     let mut train = Vec::with_capacity(cfg.devices);
@@ -244,47 +289,110 @@ pub fn partition(
         });
     }
 
-    let mut rng = rng_for(STREAM_TEST);
-    let n = cfg.test_samples_per_device;
-    let test = match cfg.skew {
-        Skew::LabelSkew { labels_per_device } => {
-            let seen: HashSet<&[u16]> = train.iter().map(|d| d.label_set.as_slice()).collect();
-            let combos = unseen_combinations(
-                num_classes,
-                labels_per_device,
-                &seen,
-                cfg.test_devices,
-                &mut rng,
-            )?;
-            combos
-                .into_iter()
-                .enumerate()
-                .map(|(id, labels)| {
-                    let counts = even_counts(&labels, num_classes, n, &mut rng);
-                    let (indices, _) = draw_counts(&counts, &test_pools, false, &mut rng);
-                    DeviceData {
-                        id,
-                        indices,
-                        label_set: labels,
-                        anchor_of: None,
-                    }
-                })
-                .collect()
-        }
-        Skew::Dirichlet { alpha } => (0..cfg.test_devices)
-            .map(|id| {
-                let counts = dirichlet_counts(alpha, num_classes, n, &mut rng);
-                let (indices, label_set) = draw_counts(&counts, &test_pools, false, &mut rng);
-                DeviceData {
-                    id,
-                    indices,
-                    label_set,
-                    anchor_of: None,
-                }
-            })
-            .collect(),
+    let held_out = HeldOut {
+        skew: &cfg.skew,
+        train: &train,
+        classes: num_classes,
+        samples: cfg.test_samples_per_device,
     };
-    Ok(Partition { train, test })
+    let test = held_out.devices(
+        "test",
+        cfg.test_devices,
+        &test_pools,
+        &mut rng_for(STREAM_TEST),
+    )?;
+    let validation = held_out.devices(
+        "validation",
+        cfg.validation_devices,
+        &validation_pools,
+        &mut validation_rng,
+    )?;
+    Ok(Partition {
+        train,
+        test,
+        validation,
+    })
+}
+
+/// How devices outside training (test and validation) are built.
+struct HeldOut<'a> {
+    skew: &'a Skew,
+    train: &'a [DeviceData],
+    classes: usize,
+    samples: usize,
+}
+
+impl HeldOut<'_> {
+    /// `count` devices drawing from `pools` (without replacement where a class has enough):
+    /// under label skew, distinct label combinations that no training device holds with the
+    /// samples spread evenly over them; under Dirichlet, fresh Dir(α) proportions.
+    fn devices(
+        &self,
+        kind: &'static str,
+        count: usize,
+        pools: &[Vec<usize>],
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Vec<DeviceData>, PartitionError> {
+        let device = |id, (indices, label_set)| DeviceData {
+            id,
+            indices,
+            label_set,
+            anchor_of: None,
+        };
+        match *self.skew {
+            Skew::LabelSkew { labels_per_device } => {
+                let seen: HashSet<&[u16]> =
+                    self.train.iter().map(|d| d.label_set.as_slice()).collect();
+                let combos =
+                    unseen_combinations(kind, self.classes, labels_per_device, &seen, count, rng)?;
+                Ok(combos
+                    .into_iter()
+                    .enumerate()
+                    .map(|(id, labels)| {
+                        let counts = even_counts(&labels, self.classes, self.samples, rng);
+                        let (indices, _) = draw_counts(&counts, pools, false, rng);
+                        device(id, (indices, labels))
+                    })
+                    .collect())
+            }
+            Skew::Dirichlet { alpha } => Ok((0..count)
+                .map(|id| {
+                    let counts = dirichlet_counts(alpha, self.classes, self.samples, rng);
+                    device(id, draw_counts(&counts, pools, false, rng))
+                })
+                .collect()),
+        }
+    }
+}
+
+/// Removes `share` of each class pool (at least one sample, and never all of them) and
+/// returns the removed indices per class, in index order.
+fn hold_out(
+    pools: &mut [Vec<usize>],
+    share: f64,
+    rng: &mut ChaCha8Rng,
+) -> Result<Vec<Vec<usize>>, PartitionError> {
+    pools
+        .iter_mut()
+        .enumerate()
+        .map(|(class, pool)| {
+            let samples = pool.len();
+            if samples < 2 {
+                return Err(PartitionError::TooFewToHoldOut { class, samples });
+            }
+            let count = ((samples as f64 * share).round() as usize).clamp(1, samples - 1);
+            let mut chosen = vec![false; samples];
+            for i in index::sample(rng, samples, count) {
+                chosen[i] = true;
+            }
+            let (mut held, mut kept) = (Vec::with_capacity(count), Vec::with_capacity(samples));
+            for (&index, held_out) in pool.iter().zip(chosen) {
+                if held_out { &mut held } else { &mut kept }.push(index);
+            }
+            *pool = kept;
+            Ok(held)
+        })
+        .collect()
 }
 
 /// How many of `indices` carry each label. Panics if a label is `>= num_classes`.
@@ -336,7 +444,7 @@ fn validate(classes: usize, cfg: &PartitionConfig) -> Result<(), PartitionError>
             field: "samples_per_device",
         });
     }
-    if cfg.test_devices > 0 && cfg.test_samples_per_device == 0 {
+    if cfg.test_devices + cfg.validation_devices > 0 && cfg.test_samples_per_device == 0 {
         return Err(PartitionError::ZeroSamples {
             field: "test_samples_per_device",
         });
@@ -528,8 +636,10 @@ fn binomial(n: usize, k: usize) -> u128 {
     result
 }
 
-/// `want` distinct sorted `size`-label combinations, none in `seen`, uniformly at random.
+/// `want` distinct sorted `size`-label combinations, none in `seen`, uniformly at random, for
+/// `kind` (test or validation) devices.
 fn unseen_combinations(
+    kind: &'static str,
     classes: usize,
     size: usize,
     seen: &HashSet<&[u16]>,
@@ -544,6 +654,7 @@ fn unseen_combinations(
     let available = total.saturating_sub(seen_of_size);
     if available < want as u128 {
         return Err(PartitionError::TooFewUnseenCombinations {
+            kind,
             available,
             total,
             labels_per_device: size,
@@ -643,6 +754,7 @@ mod tests {
             samples_per_device: 64,
             test_devices,
             test_samples_per_device: 30,
+            validation_devices: 0,
             seed,
         }
     }
@@ -655,6 +767,7 @@ mod tests {
             samples_per_device: 101,
             test_devices: 10,
             test_samples_per_device: 33,
+            validation_devices: 0,
             seed: 5,
         }
     }
@@ -756,6 +869,64 @@ mod tests {
                 );
             }
             assert_eq!(combos.len(), test_devices);
+        }
+    }
+
+    #[test]
+    fn validation_devices_hold_train_images_no_training_device_holds() {
+        let (train, test) = labels();
+        for cfg in [label_skew(30, 5, 3, 8, 1), dirichlet_cfg(0.5)] {
+            let cfg = PartitionConfig {
+                validation_devices: 6,
+                ..cfg
+            };
+            let p = partition(&train, &test, 10, &cfg).expect("valid config");
+            assert_eq!(p.validation.len(), 6);
+            let trained: HashSet<usize> = p
+                .train
+                .iter()
+                .flat_map(|d| d.indices.iter().copied())
+                .collect();
+            let seen: HashSet<&Vec<u16>> = p.train.iter().map(|d| &d.label_set).collect();
+            for (i, d) in p.validation.iter().enumerate() {
+                assert_eq!(d.id, i);
+                assert_eq!(d.anchor_of, None);
+                assert_eq!(d.indices.len(), cfg.test_samples_per_device);
+                assert_eq!(
+                    d.label_set,
+                    labels_of(&train, d),
+                    "indices into the train split"
+                );
+                assert!(
+                    d.indices.iter().all(|i| !trained.contains(i)),
+                    "validation device {i} shares an image with a training device"
+                );
+                if let Skew::LabelSkew { .. } = cfg.skew {
+                    assert!(!seen.contains(&d.label_set), "{:?} is trained", d.label_set);
+                    // 10 per label from held-out pools of 10 to 19: no repeats.
+                    let mut distinct = d.indices.clone();
+                    distinct.sort_unstable();
+                    distinct.dedup();
+                    assert_eq!(distinct.len(), d.indices.len());
+                }
+            }
+            // A tenth of each class is held out, whether or not a device drew it.
+            let mut pools = class_pools(&train, 10, "train", true).expect("valid labels");
+            let held = hold_out(
+                &mut pools,
+                VALIDATION_HOLDOUT,
+                &mut ChaCha8Rng::seed_from_u64(0),
+            )
+            .expect("every class has samples");
+            for (c, (held, kept)) in held.iter().zip(&pools).enumerate() {
+                let samples = 100 + 10 * c;
+                assert_eq!(held.len(), (samples as f64 / 10.0).round() as usize);
+                assert_eq!(held.len() + kept.len(), samples);
+                assert!(
+                    held.iter()
+                        .all(|i| !kept.contains(i) && train[*i] == c as u16)
+                );
+            }
         }
     }
 
@@ -921,12 +1092,16 @@ mod tests {
             partition(&train, &test, 10, &label_skew(60, 0, 2, 45, 0)).expect_err("too few unseen");
         match &err {
             PartitionError::TooFewUnseenCombinations {
+                kind,
                 available,
                 total,
                 labels_per_device,
                 requested,
             } => {
-                assert_eq!((*total, *labels_per_device, *requested), (45, 2, 45));
+                assert_eq!(
+                    (*kind, *total, *labels_per_device, *requested),
+                    ("test", 45, 2, 45)
+                );
                 assert!(*available < 45);
             }
             other => panic!("expected TooFewUnseenCombinations, got {other:?}"),
@@ -953,6 +1128,21 @@ mod tests {
             PartitionError::EmptyClass {
                 split: "test",
                 class: 9
+            }
+        );
+        // Holding a validation share out of a class of one sample would leave it no training data.
+        let mut lone_4: Vec<u16> = train.iter().copied().filter(|&l| l != 4).collect();
+        lone_4.push(4);
+        let with_validation = PartitionConfig {
+            validation_devices: 2,
+            ..label_skew(5, 0, 2, 0, 0)
+        };
+        assert!(partition(&lone_4, &test, 10, &label_skew(5, 0, 2, 0, 0)).is_ok());
+        assert_eq!(
+            partition(&lone_4, &test, 10, &with_validation).expect_err("class 4 has one sample"),
+            PartitionError::TooFewToHoldOut {
+                class: 4,
+                samples: 1
             }
         );
         let mut bad = train.clone();

@@ -36,6 +36,7 @@ fn ddome_specialises_and_predicts_unseen_devices() {
             samples_per_device: 60,
             test_devices: 4,
             test_samples_per_device: 30,
+            validation_devices: 0,
             seed: 3,
         },
     )

@@ -80,6 +80,7 @@ pub(crate) fn real_data() -> &'static RealData {
                 samples_per_device: 200,
                 test_devices: 4,
                 test_samples_per_device: 100,
+                validation_devices: 0,
                 seed: SEED,
             },
         )

@@ -41,6 +41,10 @@ pub struct MethodSummary {
     pub std_devices: f64,
     /// Mean over seeds of the mixture-rule accuracy.
     pub mean_mixture: f64,
+    /// Mean over seeds of the zero-shot accuracy on the validation devices (top-expert
+    /// rule), when every run had them.
+    #[serde(default)]
+    pub validation: Option<f64>,
     /// Seeds run.
     pub seeds: usize,
 }
@@ -68,6 +72,11 @@ impl BenchReport {
                     std_seeds,
                     std_devices: runs.iter().map(|r| r.zero_shot.std).sum::<f64>() / n,
                     mean_mixture: runs.iter().map(|r| r.zero_shot.mean_mixture).sum::<f64>() / n,
+                    validation: runs
+                        .iter()
+                        .map(|r| r.validation.as_ref().map(|v| v.mean))
+                        .sum::<Option<f64>>()
+                        .map(|sum| sum / n),
                     seeds: runs.len(),
                 })
             })
@@ -128,6 +137,18 @@ impl BenchReport {
                 human_bytes(first.bytes_per_round.downlink),
                 human_bytes(first.bytes_per_round.uplink),
                 wall
+            );
+        }
+        let validation: Vec<String> = summaries
+            .iter()
+            .filter_map(|s| Some(format!("{} {}", s.method.name(), pct(s.validation?))))
+            .collect();
+        if !validation.is_empty() {
+            let _ = writeln!(
+                md,
+                "\nZero-shot accuracy on the validation devices (held-out train images, what \
+                 settings are chosen by; the test devices are not): {}.",
+                validation.join(", ")
             );
         }
         let oracles: Vec<String> = summaries

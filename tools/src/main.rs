@@ -190,6 +190,10 @@ struct FederationArgs {
     /// Samples per test device.
     #[arg(long, default_value_t = 250)]
     test_samples: usize,
+    /// Validation devices, built like the test devices from a tenth of the train images held
+    /// out of training: choose settings by their score, never by the test devices'.
+    #[arg(long, default_value_t = 0)]
+    validation_devices: usize,
     /// Expert architecture.
     #[arg(long, value_enum, default_value_t = ExpertArg::Head)]
     expert: ExpertArg,
@@ -408,6 +412,7 @@ fn make_partition(f: &FederationArgs, experiment: &Experiment, seed: u64) -> Res
             samples_per_device: f.samples_per_device,
             test_devices: f.test_devices,
             test_samples_per_device: f.test_samples,
+            validation_devices: f.validation_devices,
             seed,
         },
     )?)
@@ -438,11 +443,16 @@ fn run_with_progress(
             bar.set_position(round as u64);
             if let Some(m) = metrics {
                 on_evaluation(m);
-                bar.set_message(format!("zero-shot {:.1}%", 100.0 * m.zero_shot));
+                let validation = m
+                    .validation
+                    .map(|v| format!(", validation {:.1}%", 100.0 * v))
+                    .unwrap_or_default();
+                bar.set_message(format!("zero-shot {:.1}%{validation}", 100.0 * m.zero_shot));
                 if !std::io::stderr().is_terminal() {
                     // No bar is drawn off a terminal (CI, logs): one line per evaluation.
                     eprintln!(
-                        "{} seed {}: round {round}/{}, zero-shot {:.1}%, loss {:.3}, {:.0} s",
+                        "{} seed {}: round {round}/{}, zero-shot {:.1}%{validation}, loss {:.3}, \
+                         {:.0} s",
                         config.method.name(),
                         config.seed,
                         config.rounds,
@@ -490,6 +500,16 @@ fn simulate_command(args: SimulateArgs) -> Result<()> {
         100.0 * result.zero_shot.mean_mixture,
         &result.model_sha256[..16]
     );
+    if let Some(v) = &result.validation {
+        println!(
+            "{} seed {}: validation accuracy {:.2}% (std across devices {:.2}), mixture {:.2}%",
+            config.method.name(),
+            config.seed,
+            100.0 * v.mean,
+            100.0 * v.std,
+            100.0 * v.mean_mixture
+        );
+    }
     println!("metrics written to {}", args.out.display());
     Ok(())
 }

@@ -141,6 +141,12 @@ pub struct RoundMetrics {
     pub zero_shot_mixture: f64,
     /// DDOME: for each anchor expert, the share of its labels the gate routes to it.
     pub anchor_routing: Vec<f64>,
+    /// Zero-shot accuracy on the validation devices (top-expert rule), when there are any.
+    #[serde(default)]
+    pub validation: Option<f64>,
+    /// The same with the mixture rule.
+    #[serde(default)]
+    pub validation_mixture: Option<f64>,
     /// Seconds since the run started.
     pub elapsed_secs: f64,
 }
@@ -177,6 +183,10 @@ pub struct RunResult {
     pub history: Vec<RoundMetrics>,
     /// Final zero-shot evaluation.
     pub zero_shot: ZeroShot,
+    /// Final zero-shot evaluation on the validation devices, when the partition has any:
+    /// what settings are chosen by, never the test devices.
+    #[serde(default)]
+    pub validation: Option<ZeroShot>,
     /// For each anchor expert q: the share of the test split's samples with q's labels that
     /// the gate (argmax over all M) routes to q. Empty without anchors.
     pub anchor_routing: Vec<f64>,
@@ -346,7 +356,7 @@ pub fn run(
         Vec::new()
     };
     let rounds = config.rounds;
-    let mut last_evaluation: Option<(ZeroShot, Vec<f64>)> = None;
+    let mut last_evaluation: Option<Evaluation> = None;
     for round in 0..rounds {
         let loss;
         if config.method == Method::Central {
@@ -463,18 +473,20 @@ pub fn run(
         let done = round + 1;
         let metrics = if done % config.eval_every.max(1) == 0 || done == rounds {
             let t = Instant::now();
-            let (zs, anchor_routing) = evaluate(config, &spec, &global, test, classes, partition)?;
+            let evaluation = evaluate(config, &spec, &global, train, test, classes, partition)?;
             timings.evaluation += t.elapsed().as_secs_f64();
             history.push(RoundMetrics {
                 round: done,
                 train_loss: loss,
-                zero_shot: zs.mean,
-                zero_shot_std: zs.std,
-                zero_shot_mixture: zs.mean_mixture,
-                anchor_routing: anchor_routing.clone(),
+                zero_shot: evaluation.test.mean,
+                zero_shot_std: evaluation.test.std,
+                zero_shot_mixture: evaluation.test.mean_mixture,
+                anchor_routing: evaluation.anchor_routing.clone(),
+                validation: evaluation.validation.as_ref().map(|v| v.mean),
+                validation_mixture: evaluation.validation.as_ref().map(|v| v.mean_mixture),
                 elapsed_secs: started.elapsed().as_secs_f64(),
             });
-            last_evaluation = Some((zs, anchor_routing));
+            last_evaluation = Some(evaluation);
             history.last()
         } else {
             None
@@ -483,9 +495,13 @@ pub fn run(
     }
 
     // The last round is always evaluated; only a run of zero rounds still needs it.
-    let (zs, anchor_routing) = match last_evaluation {
+    let Evaluation {
+        test: zs,
+        anchor_routing,
+        validation,
+    } = match last_evaluation {
         Some(evaluation) => evaluation,
-        None => evaluate(config, &spec, &global, test, classes, partition)?,
+        None => evaluate(config, &spec, &global, train, test, classes, partition)?,
     };
     let ceilings = ceilings(config, &spec, &global, test, partition, &zs)?;
     let template = spec.expert(&eval_device);
@@ -494,6 +510,7 @@ pub fn run(
         config: config.clone(),
         history,
         zero_shot: zs,
+        validation,
         anchor_routing,
         model_sha256: global.sha256(),
         bytes_per_round: round_bytes(config, global.gate.len(), expert_params),
@@ -589,22 +606,47 @@ fn ceilings(
     Ok(ceilings)
 }
 
-/// The zero-shot evaluation and, for DDOME, the anchors' routing shares.
+/// What one evaluation point measures.
+struct Evaluation {
+    /// Zero-shot on the test devices.
+    test: ZeroShot,
+    /// DDOME: the anchors' routing shares on the test split.
+    anchor_routing: Vec<f64>,
+    /// Zero-shot on the validation devices (held-out train images), when there are any.
+    validation: Option<ZeroShot>,
+}
+
 fn evaluate(
     config: &SimConfig,
     spec: &ModelSpec,
     global: &GlobalModel,
+    train: &Features,
     test: &Features,
     classes: usize,
     partition: &Partition,
-) -> Result<(ZeroShot, Vec<f64>)> {
-    let zs = zero_shot(config, spec, global, test, classes, &partition.test)?;
-    let shares = if config.method == Method::Ddome {
+) -> Result<Evaluation> {
+    let anchor_routing = if config.method == Method::Ddome {
         anchor_routing(spec, global, test, partition)?
     } else {
         Vec::new()
     };
-    Ok((zs, shares))
+    let validation = if partition.validation.is_empty() {
+        None
+    } else {
+        Some(zero_shot(
+            config,
+            spec,
+            global,
+            train,
+            classes,
+            &partition.validation,
+        )?)
+    };
+    Ok(Evaluation {
+        test: zero_shot(config, spec, global, test, classes, &partition.test)?,
+        anchor_routing,
+        validation,
+    })
 }
 
 /// Bytes a round moves at f32 (DDOME.md, App. K communication model, measured per method).
@@ -753,7 +795,8 @@ impl MetricsCsv {
             fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
         writeln!(
             file,
-            "round,train_loss,zero_shot,zero_shot_std,zero_shot_mixture,elapsed_secs"
+            "round,train_loss,zero_shot,zero_shot_std,zero_shot_mixture,validation,\
+             validation_mixture,elapsed_secs"
         )
         .with_context(|| format!("writing {}", path.display()))?;
         Ok(Self {
@@ -767,14 +810,18 @@ impl MetricsCsv {
         if self.error.is_some() {
             return;
         }
+        // No validation devices: empty fields, as CSV readers expect of missing values.
+        let optional = |v: Option<f64>| v.map(|v| format!("{v:.6}")).unwrap_or_default();
         let row = writeln!(
             self.file,
-            "{},{:.6},{:.6},{:.6},{:.6},{:.3}",
+            "{},{:.6},{:.6},{:.6},{:.6},{},{},{:.3}",
             m.round,
             m.train_loss,
             m.zero_shot,
             m.zero_shot_std,
             m.zero_shot_mixture,
+            optional(m.validation),
+            optional(m.validation_mixture),
             m.elapsed_secs
         )
         .and_then(|()| self.file.flush());
@@ -808,6 +855,13 @@ mod tests {
 
     /// Synthetic images whose "embedding" is their normalised pixels: no ONNX needed.
     fn setup(seed: u64) -> (Features, Features, Partition) {
+        setup_with_validation(seed, 0)
+    }
+
+    fn setup_with_validation(
+        seed: u64,
+        validation_devices: usize,
+    ) -> (Features, Features, Partition) {
         let split = synthetic(
             6,
             40,
@@ -836,6 +890,7 @@ mod tests {
                 samples_per_device: 30,
                 test_devices: 4,
                 test_samples_per_device: 12,
+                validation_devices,
                 seed,
             },
         )
@@ -901,6 +956,36 @@ mod tests {
         assert_eq!(r.zero_shot.per_device.len(), 4);
         assert_eq!(r.anchor_routing.len(), 3);
         assert!(r.zero_shot.selected.iter().all(|s| s.len() == 2));
+        assert_eq!(r.validation, None);
+        assert!(r.history.iter().all(|m| m.validation.is_none()));
+    }
+
+    #[test]
+    fn validation_devices_are_evaluated_beside_the_test_devices() {
+        let (train, test, part) = setup_with_validation(2, 3);
+        assert_eq!(part.validation.len(), 3);
+        let r = run(
+            &config(Method::Ddome, 1, 2),
+            &train,
+            &test,
+            6,
+            &part,
+            |_, _| {},
+        )
+        .unwrap();
+        let validation = r.validation.expect("the partition has validation devices");
+        assert_eq!(validation.per_device.len(), 3);
+        assert!(validation.selected.iter().all(|s| s.len() == 2));
+        // Every validation sample is routed once: they are the held-out train images.
+        let routed: usize = validation.routing.iter().flatten().sum();
+        assert_eq!(routed, 3 * 12);
+        // The final row reports the final evaluation; every row has a validation score.
+        let last = r.history.last().expect("round 3 is evaluated");
+        assert_eq!(last.validation, Some(validation.mean));
+        assert_eq!(last.validation_mixture, Some(validation.mean_mixture));
+        assert!(r.history.iter().all(|m| m.validation.is_some()));
+        // The test devices are evaluated as before.
+        assert_eq!(r.zero_shot.per_device.len(), 4);
     }
 
     #[test]
@@ -915,6 +1000,8 @@ mod tests {
             zero_shot_std: 0.05,
             zero_shot_mixture: 0.5,
             anchor_routing: vec![],
+            validation: (round > 10).then_some(0.375),
+            validation_mixture: (round > 10).then_some(0.4),
             elapsed_secs: 1.5,
         };
         csv.append(&row(10));
@@ -923,8 +1010,9 @@ mod tests {
         assert_eq!(
             text.lines().collect::<Vec<_>>(),
             [
-                "round,train_loss,zero_shot,zero_shot_std,zero_shot_mixture,elapsed_secs",
-                "10,2.000000,0.250000,0.050000,0.500000,1.500",
+                "round,train_loss,zero_shot,zero_shot_std,zero_shot_mixture,validation,\
+                 validation_mixture,elapsed_secs",
+                "10,2.000000,0.250000,0.050000,0.500000,,,1.500",
             ]
         );
         csv.append(&row(20));
@@ -932,7 +1020,7 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(
             text.lines().nth(2),
-            Some("20,2.000000,0.250000,0.050000,0.500000,1.500")
+            Some("20,2.000000,0.250000,0.050000,0.500000,0.375000,0.400000,1.500")
         );
     }
 

@@ -291,7 +291,7 @@ pub fn partition(
 
     let held_out = HeldOut {
         skew: &cfg.skew,
-        train: &train,
+        trained_label_sets: train.iter().map(|d| d.label_set.as_slice()).collect(),
         classes: num_classes,
         samples: cfg.test_samples_per_device,
     };
@@ -317,7 +317,8 @@ pub fn partition(
 /// How devices outside training (test and validation) are built.
 struct HeldOut<'a> {
     skew: &'a Skew,
-    train: &'a [DeviceData],
+    /// Label sets of the training devices, which held-out devices under label skew avoid.
+    trained_label_sets: HashSet<&'a [u16]>,
     classes: usize,
     samples: usize,
 }
@@ -341,10 +342,14 @@ impl HeldOut<'_> {
         };
         match *self.skew {
             Skew::LabelSkew { labels_per_device } => {
-                let seen: HashSet<&[u16]> =
-                    self.train.iter().map(|d| d.label_set.as_slice()).collect();
-                let combos =
-                    unseen_combinations(kind, self.classes, labels_per_device, &seen, count, rng)?;
+                let combos = unseen_combinations(
+                    kind,
+                    self.classes,
+                    labels_per_device,
+                    &self.trained_label_sets,
+                    count,
+                    rng,
+                )?;
                 Ok(combos
                     .into_iter()
                     .enumerate()

@@ -630,18 +630,9 @@ fn evaluate(
     } else {
         Vec::new()
     };
-    let validation = if partition.validation.is_empty() {
-        None
-    } else {
-        Some(zero_shot(
-            config,
-            spec,
-            global,
-            train,
-            classes,
-            &partition.validation,
-        )?)
-    };
+    let validation = (!partition.validation.is_empty())
+        .then(|| zero_shot(config, spec, global, train, classes, &partition.validation))
+        .transpose()?;
     Ok(Evaluation {
         test: zero_shot(config, spec, global, test, classes, &partition.test)?,
         anchor_routing,
@@ -939,18 +930,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn history_has_eval_points_and_final_round() {
-        let (train, test, part) = setup(2);
-        let r = run(
+    /// A three-round DDOME run (seed 1) on `setup`'s data.
+    fn run_ddome((train, test, part): &(Features, Features, Partition)) -> RunResult {
+        run(
             &config(Method::Ddome, 1, 2),
-            &train,
-            &test,
+            train,
+            test,
             6,
-            &part,
+            part,
             |_, _| {},
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn history_has_eval_points_and_final_round() {
+        let r = run_ddome(&setup(2));
         let rounds: Vec<usize> = r.history.iter().map(|m| m.round).collect();
         assert_eq!(rounds, vec![2, 3]);
         assert_eq!(r.zero_shot.per_device.len(), 4);
@@ -962,17 +957,9 @@ mod tests {
 
     #[test]
     fn validation_devices_are_evaluated_beside_the_test_devices() {
-        let (train, test, part) = setup_with_validation(2, 3);
-        assert_eq!(part.validation.len(), 3);
-        let r = run(
-            &config(Method::Ddome, 1, 2),
-            &train,
-            &test,
-            6,
-            &part,
-            |_, _| {},
-        )
-        .unwrap();
+        let data = setup_with_validation(2, 3);
+        assert_eq!(data.2.validation.len(), 3);
+        let r = run_ddome(&data);
         let validation = r.validation.expect("the partition has validation devices");
         assert_eq!(validation.per_device.len(), 3);
         assert!(validation.selected.iter().all(|s| s.len() == 2));

@@ -14,7 +14,10 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 source scripts/lib/local-federation.sh
 
-cargo build --locked -q -p ddome-agent --target "$target"
+# Under qemu the smoke trains `head` experts on a dozen images: burn's crates build
+# unoptimised for the target (scripts/lib/unoptimised-burn.sh); tract keeps opt-level 3.
+source scripts/lib/unoptimised-burn.sh
+cargo build --locked -q "${unoptimised_burn[@]}" -p ddome-agent --target "$target"
 cargo build --locked -q -p ddome-coordinator
 agent="$target_dir/$target/debug/ddome-agent"
 coordinator="$target_dir/debug/ddome-coordinator"

@@ -3,7 +3,7 @@
 //! well above chance, zero-shot.
 
 use ddome_datasets::{ImageShape, PartitionConfig, Skew, partition, synthetic};
-use ddome_models::{ExpertKind, Features, TrainConfig};
+use ddome_models::{BackendChoice, ExpertKind, Features, TrainConfig};
 use ddome_tools::simulate::{Method, SimConfig, run};
 
 #[test]
@@ -62,6 +62,7 @@ fn ddome_specialises_and_predicts_unseen_devices() {
         prox_mu: 0.0,
         seed: 1,
         threads: 2,
+        backend: BackendChoice::Ndarray,
     };
     let result = run(&config, &train, &test, 6, &part, |_, _| {}).unwrap();
     assert!(

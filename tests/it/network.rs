@@ -18,7 +18,8 @@ use ddome_coordinator::config::{FederationConfig, ModelConfig, TrainSection};
 use ddome_coordinator::server::{ServeReport, ServerHandle, start};
 use ddome_datasets::{Partition, PartitionConfig, Skew, load_split, partition};
 use ddome_models::{
-    CommonExpert, CommonExpertConfig, ExpertKind, Features, GlobalModel, TrainConfig, embed_cached,
+    BackendChoice, CommonExpert, CommonExpertConfig, ExpertKind, Features, GlobalModel,
+    TrainConfig, embed_cached,
 };
 use ddome_protocol::codec::CodecConfig;
 use ddome_protocol::message::{AgentMessage, CoordinatorMessage, ErrorCode, Hello, Intent};
@@ -151,6 +152,7 @@ pub(crate) fn simulation(rounds: u64) -> SimConfig {
         prox_mu: 0.0,
         seed: SEED,
         threads: 2,
+        backend: BackendChoice::Ndarray,
     }
 }
 

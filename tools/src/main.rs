@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ddome_datasets::{Partition, PartitionConfig, Skew, partition};
-use ddome_models::{ExpertKind, TrainConfig};
+use ddome_models::{BackendChoice, ExpertKind, TrainConfig};
 use ddome_tools::bench::{BenchReport, machine_description};
 use ddome_tools::experiment::{DataConfig, Experiment};
 use ddome_tools::simulate::{self, Method, MetricsCsv, RoundMetrics, RunResult, SimConfig};
@@ -230,6 +230,9 @@ struct FederationArgs {
     /// Devices trained concurrently (results do not depend on it).
     #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
     threads: usize,
+    /// The burn backend: ndarray, or flex (ndarray's successor; needs the `flex` feature).
+    #[arg(long, default_value_t = BackendChoice::Ndarray)]
+    backend: BackendChoice,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -397,6 +400,7 @@ fn sim_config(f: &FederationArgs, method: Method, seed: u64, train_len: usize) -
         prox_mu: f.prox_mu,
         seed,
         threads: f.threads,
+        backend: f.backend,
     }
 }
 

@@ -12,9 +12,9 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use ddome_datasets::{DeviceData, Partition};
 use ddome_models::{
-    ExpertKind, Features, GlobalModel, LocalUpdate, ModelSpec, PixelShape, Predictions, Received,
-    Role, TrainConfig, aggregate_round, cpu_device, gate_probabilities, mean_gate_scores, params,
-    predict, top_k, train_local,
+    BackendChoice, Device, ExpertKind, Features, GlobalModel, LocalUpdate, ModelSpec, PixelShape,
+    Predictions, Received, Role, TrainConfig, aggregate_round, gate_probabilities,
+    mean_gate_scores, params, predict, top_k, train_local,
 };
 use ddome_protocol::round::local_seed;
 use ddome_protocol::{SelectionConfig, select_participants};
@@ -91,9 +91,19 @@ pub struct SimConfig {
     pub seed: u64,
     /// Devices trained concurrently within a round (results do not depend on it).
     pub threads: usize,
+    /// The burn backend that trains and evaluates. Results are reproducible per backend;
+    /// across backends they agree to float rounding only.
+    #[serde(default)]
+    pub backend: BackendChoice,
 }
 
 impl SimConfig {
+    /// The device of `backend`; an error when this build lacks it.
+    pub fn device(&self) -> Result<Device> {
+        ddome_models::device(self.backend)
+            .with_context(|| format!("starting the {} backend", self.backend))
+    }
+
     /// The local optimiser settings, with FedProx's proximal term for FedProx only.
     pub fn local_train_config(&self) -> TrainConfig {
         TrainConfig {
@@ -261,13 +271,13 @@ fn train_jobs(
     round: usize,
 ) -> Result<Vec<LocalUpdate>> {
     let train = &config.local_train_config();
+    let device = &config.device()?.autodiff();
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Result<LocalUpdate>>>> =
         Mutex::new((0..jobs.len()).map(|_| None).collect());
     std::thread::scope(|scope| {
         for _ in 0..config.threads.clamp(1, jobs.len().max(1)) {
             scope.spawn(|| {
-                let device = cpu_device().autodiff();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(job) = jobs.get(i) else { break };
@@ -289,7 +299,7 @@ fn train_jobs(
                         &partition[job.device].indices,
                         train,
                         local_seed(config.seed, round as u64, job.device as u64),
-                        &device,
+                        device,
                     )
                     .with_context(|| format!("device {} in round {round}", job.device));
                     results
@@ -319,7 +329,7 @@ pub fn run(
     let started = Instant::now();
     let spec = model_spec(config, train, classes)?;
     let mut global = GlobalModel::initial(&spec, config.seed, config.method.has_gate());
-    let eval_device = cpu_device();
+    let eval_device = config.device()?;
     let mut timings = Timings::default();
     let mut history = Vec::new();
     let anchors: Vec<usize> = partition
@@ -361,7 +371,7 @@ pub fn run(
         let loss;
         if config.method == Method::Central {
             let t = Instant::now();
-            let device = cpu_device().autodiff();
+            let device = eval_device.clone().autodiff();
             let experts = [global.experts[0].as_slice()];
             let update = train_local(
                 &spec,
@@ -534,7 +544,7 @@ fn ceilings(
     let mut ceilings = Ceilings::default();
     match config.method {
         Method::Central | Method::Fedavg | Method::Fedprox => {
-            let device = cpu_device();
+            let device = config.device()?;
             let expert = params::load(spec.expert(&device), &global.experts[0], "expert 0")?;
             let mut accuracies = Vec::with_capacity(partition.test.len());
             for d in &partition.test {
@@ -626,7 +636,7 @@ fn evaluate(
     partition: &Partition,
 ) -> Result<Evaluation> {
     let anchor_routing = if config.method == Method::Ddome {
-        anchor_routing(spec, global, test, partition)?
+        anchor_routing(spec, global, test, partition, &config.device()?)?
     } else {
         Vec::new()
     };
@@ -684,7 +694,7 @@ pub fn zero_shot(
     classes: usize,
     devices: &[DeviceData],
 ) -> Result<ZeroShot> {
-    let device = cpu_device();
+    let device = config.device()?;
     let gate = if config.method.has_gate() {
         Some(params::load(spec.gate(&device), &global.gate, "gate")?)
     } else {
@@ -747,13 +757,13 @@ fn anchor_routing(
     global: &GlobalModel,
     test: &Features,
     partition: &Partition,
+    device: &Device,
 ) -> Result<Vec<f64>> {
-    let device = cpu_device();
-    let gate = params::load(spec.gate(&device), &global.gate, "gate")?;
+    let gate = params::load(spec.gate(device), &global.gate, "gate")?;
     let all: Vec<usize> = (0..test.len()).collect();
     let mut top = Vec::with_capacity(test.len());
     for chunk in all.chunks(2048) {
-        let (input, _) = test.batch(chunk, &device);
+        let (input, _) = test.batch(chunk, device);
         let probs = gate_probabilities(&gate, input.embeddings);
         top.extend(probs.chunks_exact(spec.experts).map(|row| top_k(row, 1)[0]));
     }
@@ -911,6 +921,7 @@ mod tests {
             prox_mu: 0.01,
             seed,
             threads,
+            backend: BackendChoice::Ndarray,
         }
     }
 
@@ -928,6 +939,49 @@ mod tests {
                 "{method:?}: seed must matter"
             );
         }
+    }
+
+    #[cfg(not(feature = "flex"))]
+    #[test]
+    fn a_backend_missing_from_the_build_is_an_error_naming_the_feature() {
+        let (train, test, part) = setup(1);
+        let config = SimConfig {
+            backend: BackendChoice::Flex,
+            ..config(Method::Ddome, 1, 1)
+        };
+        let err = run(&config, &train, &test, 6, &part, |_, _| {}).unwrap_err();
+        let message = format!("{err:#}");
+        assert!(
+            message.contains("flex") && message.contains("--features flex"),
+            "{message}"
+        );
+    }
+
+    #[cfg(feature = "flex")]
+    #[test]
+    fn flex_runs_are_reproducible_and_agree_with_ndarray_to_rounding() {
+        let (train, test, part) = setup(1);
+        let run_on = |backend, threads| {
+            let config = SimConfig {
+                backend,
+                ..config(Method::Ddome, 5, threads)
+            };
+            run(&config, &train, &test, 6, &part, |_, _| {}).unwrap()
+        };
+        let flex_1 = run_on(BackendChoice::Flex, 1);
+        let flex_2 = run_on(BackendChoice::Flex, 2);
+        assert_eq!(flex_1.model_sha256, flex_2.model_sha256);
+        let ndarray = run_on(BackendChoice::Ndarray, 2);
+        assert_eq!(flex_1.config.backend, BackendChoice::Flex);
+        // Three rounds of SGD amplify rounding differences little: the same experts are
+        // selected and accuracy moves by at most a few test samples.
+        assert_eq!(flex_1.zero_shot.selected, ndarray.zero_shot.selected);
+        assert!(
+            (flex_1.zero_shot.mean - ndarray.zero_shot.mean).abs() < 0.05,
+            "flex {} against ndarray {}",
+            flex_1.zero_shot.mean,
+            ndarray.zero_shot.mean
+        );
     }
 
     /// A three-round DDOME run (seed 1) on `setup`'s data.

@@ -4,6 +4,8 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use ddome_protocol::seed::{Purpose, derive};
+
 use crate::backend::cpu_device;
 use crate::nn::ModelSpec;
 use crate::params;
@@ -19,12 +21,12 @@ pub struct GlobalModel {
 }
 
 impl GlobalModel {
-    /// The model a federation starts from: every module drawn from `seed` (the gate from
-    /// `seed`, expert e from `seed + 1 + e`), so the coordinator and the simulator start alike.
+    /// The model a federation starts from: every module drawn from its own stream of `seed`,
+    /// so the coordinator and the simulator start alike and different seeds share no module.
     pub fn initial(spec: &ModelSpec, seed: u64, with_gate: bool) -> Self {
         let device = cpu_device();
         let gate = if with_gate {
-            params::init(&spec.gate(&device), seed)
+            params::init(&spec.gate(&device), derive(seed, Purpose::GateInit, &[]))
         } else {
             Vec::new()
         };
@@ -32,7 +34,7 @@ impl GlobalModel {
         Self {
             gate,
             experts: (0..spec.experts)
-                .map(|e| params::init(&template, seed.wrapping_add(1 + e as u64)))
+                .map(|e| params::init(&template, derive(seed, Purpose::ExpertInit, &[e as u64])))
                 .collect(),
         }
     }

@@ -12,6 +12,7 @@ pub mod codec;
 pub mod frame;
 pub mod message;
 pub mod round;
+pub mod seed;
 mod selection;
 
 pub use codec::{

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::message::ErrorCode;
+use crate::seed::{Purpose, derive};
 use crate::selection::{SelectionConfig, SelectionError, select_participants};
 
 /// Which federation a round belongs to: DDOME, or a baseline run on the same machinery so
@@ -199,18 +200,14 @@ fn attempt_seed(seed: u64, attempt: u32) -> u64 {
     if attempt == 0 {
         seed
     } else {
-        local_seed(seed, u64::MAX, attempt as u64)
+        derive(seed, Purpose::RetryAttempt, &[attempt as u64])
     }
 }
 
 /// The shuffling seed of `device`'s local training in `round`: the coordinator sends it, the
 /// simulator computes it, so both shuffle alike.
 pub fn local_seed(seed: u64, round: u64, device: u64) -> u64 {
-    let mut x = seed ^ (round << 32) ^ device ^ 0xD1B5_4A32_D192_ED03;
-    // splitmix64 finaliser
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
+    derive(seed, Purpose::LocalTraining, &[round, device])
 }
 
 impl Round {
@@ -808,5 +805,7 @@ mod tests {
         assert_ne!(local_seed(0, 1, 2), local_seed(0, 2, 1));
         assert_ne!(local_seed(0, 0, 0), local_seed(1, 0, 0));
         assert_eq!(local_seed(3, 4, 5), local_seed(3, 4, 5));
+        // Neighbouring run seeds must not swap devices' streams (as `seed ^ device` did).
+        assert_ne!(local_seed(1, 0, 0), local_seed(0, 0, 1));
     }
 }

@@ -5,6 +5,8 @@ use rand::seq::index::sample;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::seed::{Purpose, derive};
+
 /// How many of each kind of device a round takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SelectionConfig {
@@ -47,7 +49,7 @@ pub fn select_participants(
     seed: u64,
     round: u64,
 ) -> Result<Selection, SelectionError> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng = ChaCha8Rng::seed_from_u64(derive(seed, Purpose::Selection, &[round]));
     let mut pick = |pool: &[usize], wanted: usize, kind| {
         if wanted > pool.len() {
             return Err(SelectionError::TooFew {

@@ -197,6 +197,27 @@ mod tests {
         }
     }
 
+    /// Each run seed must start from modules no other seed starts from: under the old
+    /// `seed + 1 + e` rule seed 1's expert 0 was seed 0's expert 1, bit for bit.
+    #[test]
+    fn different_seeds_share_no_initial_module() {
+        let spec = crate::nn::tiny_test_spec();
+        let models: Vec<GlobalModel> = (0..3)
+            .map(|s| GlobalModel::initial(&spec, s, true))
+            .collect();
+        assert_eq!(models[0], GlobalModel::initial(&spec, 0, true));
+        let mut modules: Vec<&Vec<f32>> = Vec::new();
+        for m in &models {
+            modules.push(&m.gate);
+            modules.extend(&m.experts);
+        }
+        for (i, a) in modules.iter().enumerate() {
+            for b in &modules[i + 1..] {
+                assert_ne!(a, b, "two initial modules are identical");
+            }
+        }
+    }
+
     #[test]
     fn weighted_mean_is_exact() {
         // Values and weights chosen so every intermediate is exactly representable.

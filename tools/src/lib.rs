@@ -1,4 +1,5 @@
-//! ddome's tools: the in-process federation ([`simulate::run`]), the zero-shot bench
+//! ddome's tools: the in-process federation ([`simulate::run`], resumable from a
+//! [`checkpoint::Checkpoint`]), the zero-shot bench
 //! ([`bench::BenchReport`]), the bandwidth bench over real QUIC ([`bandwidth::measure`]) and
 //! the shared experiment set-up ([`experiment::Experiment`]), and the inference bench
 //! ([`inference_bench::run`]), and the speed benches against Python's tools: tract against
@@ -7,6 +8,7 @@
 
 pub mod bandwidth;
 pub mod bench;
+pub mod checkpoint;
 pub mod embed_bench;
 pub mod experiment;
 pub mod export;

@@ -11,8 +11,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ddome_datasets::{Partition, PartitionConfig, Skew, partition};
 use ddome_models::{BackendChoice, ExpertKind, TrainConfig};
 use ddome_tools::bench::{BenchReport, machine_description};
+use ddome_tools::checkpoint::Checkpoint;
 use ddome_tools::experiment::{DataConfig, Experiment};
-use ddome_tools::simulate::{self, Method, MetricsCsv, RoundMetrics, RunResult, SimConfig};
+use ddome_tools::simulate::{
+    self, Method, MetricsCsv, OnCheckpoint, RoundMetrics, RunResult, SimConfig,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// The agent's allocator, so benches measure what devices run (see the agent's `main`).
@@ -255,9 +258,15 @@ struct SimulateArgs {
     /// Seed of the partition, initialisation, selection and shuffling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Output directory for metrics.csv, metrics.json and result.json.
+    /// Output directory for metrics.csv, metrics.json, result.json and checkpoint.bin (the
+    /// run's state at its latest evaluation point).
     #[arg(long, default_value = "runs/simulate")]
     out: PathBuf,
+    /// Continue from the output directory's checkpoint.bin when there is one, up to
+    /// --rounds (which may exceed the rounds it was started with). Without it a run starts
+    /// afresh and replaces the checkpoint.
+    #[arg(long)]
+    resume: bool,
 }
 
 #[derive(Args)]
@@ -426,9 +435,14 @@ fn run_with_progress(
     config: &SimConfig,
     experiment: &Experiment,
     partition: &Partition,
+    from: Option<(Checkpoint, &Path)>,
     mut on_evaluation: impl FnMut(&RoundMetrics),
+    on_checkpoint: Option<OnCheckpoint>,
 ) -> Result<RunResult> {
     let bar = ProgressBar::new(config.rounds as u64);
+    if let Some((checkpoint, _)) = &from {
+        bar.set_position(checkpoint.rounds_completed as u64);
+    }
     bar.set_style(
         ProgressStyle::with_template(
             "{prefix:>14} [{bar:30}] {pos}/{len} rounds {elapsed_precise} {msg}",
@@ -437,12 +451,13 @@ fn run_with_progress(
         .progress_chars("=> "),
     );
     bar.set_prefix(format!("{} s{}", config.method.name(), config.seed));
-    let result = simulate::run(
+    let result = simulate::run_resumable(
         config,
         &experiment.train,
         &experiment.test,
         experiment.num_classes(),
         partition,
+        from,
         |round, metrics: Option<&RoundMetrics>| {
             bar.set_position(round as u64);
             if let Some(m) = metrics {
@@ -467,6 +482,7 @@ fn run_with_progress(
                 }
             }
         },
+        on_checkpoint,
     );
     bar.finish();
     result
@@ -482,10 +498,34 @@ fn simulate_command(args: SimulateArgs) -> Result<()> {
     );
     let partition = make_partition(&args.federation, &experiment, args.seed)?;
     fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let checkpoint_path = args.out.join("checkpoint.bin");
+    let from = if args.resume && checkpoint_path.exists() {
+        let checkpoint = Checkpoint::load(&checkpoint_path)?;
+        eprintln!(
+            "resuming {} after round {} of {}",
+            checkpoint_path.display(),
+            checkpoint.rounds_completed,
+            config.rounds
+        );
+        Some((checkpoint, checkpoint_path.as_path()))
+    } else {
+        None
+    };
     // Rows are appended as evaluations arrive, so a long run that is stopped keeps them.
     let csv_path = args.out.join("metrics.csv");
     let mut csv = MetricsCsv::create(&csv_path)?;
-    let result = run_with_progress(&config, &experiment, &partition, |m| csv.append(m))?;
+    if let Some((checkpoint, _)) = &from {
+        checkpoint.history.iter().for_each(|m| csv.append(m));
+    }
+    let mut save = |checkpoint: Checkpoint| Ok(checkpoint.save(&checkpoint_path)?);
+    let result = run_with_progress(
+        &config,
+        &experiment,
+        &partition,
+        from,
+        |m| csv.append(m),
+        Some(&mut save),
+    )?;
     csv.finish()?;
     write(
         &args.out.join("metrics.json"),
@@ -533,7 +573,14 @@ fn bench_command(mut args: BenchArgs) -> Result<()> {
         let partition = make_partition(&args.federation, &experiment, seed)?;
         for &method in &args.methods {
             let config = sim_config(&args.federation, method, seed, experiment.train.len());
-            runs.push(run_with_progress(&config, &experiment, &partition, |_| {})?);
+            runs.push(run_with_progress(
+                &config,
+                &experiment,
+                &partition,
+                None,
+                |_| {},
+                None,
+            )?);
         }
     }
     let f = &args.federation;

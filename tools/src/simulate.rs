@@ -20,6 +20,8 @@ use ddome_protocol::round::local_seed;
 use ddome_protocol::{SelectionConfig, select_participants};
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::{Checkpoint, setup_sha256};
+
 /// A federated (or central) training method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -324,14 +326,53 @@ pub fn run(
     test: &Features,
     classes: usize,
     partition: &Partition,
+    on_round: impl FnMut(usize, Option<&RoundMetrics>),
+) -> Result<RunResult> {
+    run_resumable(
+        config, train, test, classes, partition, None, on_round, None,
+    )
+}
+
+/// Receives a checkpoint at each evaluation point.
+pub type OnCheckpoint<'a> = &'a mut dyn FnMut(Checkpoint) -> Result<()>;
+
+/// [`run`], continuing from `from` (checked to belong to this run; `path` names it in
+/// errors) when given, and handing `on_checkpoint` the run's state at each evaluation point.
+#[allow(clippy::too_many_arguments)]
+pub fn run_resumable(
+    config: &SimConfig,
+    train: &Features,
+    test: &Features,
+    classes: usize,
+    partition: &Partition,
+    from: Option<(Checkpoint, &Path)>,
     mut on_round: impl FnMut(usize, Option<&RoundMetrics>),
+    mut on_checkpoint: Option<OnCheckpoint>,
 ) -> Result<RunResult> {
     let started = Instant::now();
     let spec = model_spec(config, train, classes)?;
-    let mut global = GlobalModel::initial(&spec, config.seed, config.method.has_gate());
+    let setup = (from.is_some() || on_checkpoint.is_some()).then(|| setup_sha256(train, partition));
+    let (first_round, mut global, mut timings, mut history, elapsed_before) = match from {
+        Some((checkpoint, path)) => {
+            checkpoint.check_continues(config, setup.as_deref().unwrap_or_default(), path)?;
+            (
+                checkpoint.rounds_completed,
+                checkpoint.global,
+                checkpoint.timings,
+                checkpoint.history,
+                checkpoint.elapsed_secs,
+            )
+        }
+        None => (
+            0,
+            GlobalModel::initial(&spec, config.seed, config.method.has_gate()),
+            Timings::default(),
+            Vec::new(),
+            0.0,
+        ),
+    };
+    let elapsed = || elapsed_before + started.elapsed().as_secs_f64();
     let eval_device = config.device()?;
-    let mut timings = Timings::default();
-    let mut history = Vec::new();
     let anchors: Vec<usize> = partition
         .train
         .iter()
@@ -367,7 +408,7 @@ pub fn run(
     };
     let rounds = config.rounds;
     let mut last_evaluation: Option<Evaluation> = None;
-    for round in 0..rounds {
+    for round in first_round..rounds {
         let loss;
         if config.method == Method::Central {
             let t = Instant::now();
@@ -494,9 +535,22 @@ pub fn run(
                 anchor_routing: evaluation.anchor_routing.clone(),
                 validation: evaluation.validation.as_ref().map(|v| v.mean),
                 validation_mixture: evaluation.validation.as_ref().map(|v| v.mean_mixture),
-                elapsed_secs: started.elapsed().as_secs_f64(),
+                elapsed_secs: elapsed(),
             });
             last_evaluation = Some(evaluation);
+            if let Some(on_checkpoint) = on_checkpoint.as_mut() {
+                on_checkpoint(Checkpoint {
+                    config: config.clone(),
+                    setup_sha256: setup
+                        .clone()
+                        .expect("hashed when checkpoints are asked for"),
+                    rounds_completed: done,
+                    global: global.clone(),
+                    history: history.clone(),
+                    timings,
+                    elapsed_secs: elapsed(),
+                })?;
+            }
             history.last()
         } else {
             None
@@ -524,7 +578,7 @@ pub fn run(
         anchor_routing,
         model_sha256: global.sha256(),
         bytes_per_round: round_bytes(config, global.gate.len(), expert_params),
-        wall_secs: started.elapsed().as_secs_f64(),
+        wall_secs: elapsed(),
         timings,
         params: (global.gate.len(), expert_params),
         ceilings,
@@ -853,6 +907,7 @@ mod tests {
     use ddome_datasets::{ImageShape, PartitionConfig, Skew, partition, synthetic};
 
     use super::*;
+    use crate::checkpoint::CheckpointError;
 
     /// Synthetic images whose "embedding" is their normalised pixels: no ONNX needed.
     fn setup(seed: u64) -> (Features, Features, Partition) {
@@ -995,6 +1050,161 @@ mod tests {
             |_, _| {},
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_resumed_run_ends_on_the_model_of_one_that_never_stopped() {
+        let (train, test, part) = setup(3);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.bin");
+        for method in Method::ALL {
+            let cfg = |rounds, threads| SimConfig {
+                rounds,
+                eval_every: 1,
+                ..config(method, 4, threads)
+            };
+            let whole = run(&cfg(3, 2), &train, &test, 6, &part, |_, _| {}).unwrap();
+            // Stopped after two rounds, as when a session ends; resumed on another thread count.
+            let mut save = |c: Checkpoint| Ok(c.save(&path)?);
+            let (first, resumed) = (&cfg(2, 1), &cfg(3, 2));
+            let stopped = run_resumable(
+                first,
+                &train,
+                &test,
+                6,
+                &part,
+                None,
+                |_, _| {},
+                Some(&mut save),
+            )
+            .unwrap();
+            let checkpoint = Checkpoint::load(&path).unwrap();
+            assert_eq!(checkpoint.rounds_completed, 2, "{method:?}");
+            assert_eq!(
+                checkpoint.global.sha256(),
+                stopped.model_sha256,
+                "{method:?}"
+            );
+            let mut rounds_run = Vec::new();
+            let resumed = run_resumable(
+                resumed,
+                &train,
+                &test,
+                6,
+                &part,
+                Some((checkpoint, &path)),
+                |round, _| rounds_run.push(round),
+                None,
+            )
+            .unwrap();
+            assert_eq!(rounds_run, [3], "{method:?}: only the missing round runs");
+            assert_ne!(stopped.model_sha256, whole.model_sha256, "{method:?}");
+            assert_eq!(resumed.model_sha256, whole.model_sha256, "{method:?}");
+            assert_eq!(resumed.zero_shot, whole.zero_shot, "{method:?}");
+            let points = |r: &RunResult| -> Vec<(usize, f64, f64)> {
+                r.history
+                    .iter()
+                    .map(|m| (m.round, m.train_loss, m.zero_shot))
+                    .collect()
+            };
+            assert_eq!(points(&resumed), points(&whole), "{method:?}");
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_run_is_refused_naming_what_differs() {
+        let (train, test, part) = setup(3);
+        let mut kept = None;
+        let mut keep = |c: Checkpoint| {
+            kept = Some(c);
+            Ok(())
+        };
+        let cfg = config(Method::Ddome, 4, 1);
+        run_resumable(
+            &cfg,
+            &train,
+            &test,
+            6,
+            &part,
+            None,
+            |_, _| {},
+            Some(&mut keep),
+        )
+        .unwrap();
+        let checkpoint = kept.expect("the last round is a checkpoint");
+        let setup = setup_sha256(&train, &part);
+        let path = Path::new("runs/x/checkpoint.bin");
+        let refusal = |config: &SimConfig, setup: &str| {
+            let err = checkpoint.check_continues(config, setup, path).unwrap_err();
+            let message = err.to_string();
+            assert!(message.contains("runs/x/checkpoint.bin"), "{message}");
+            message
+        };
+        assert!(refusal(&config(Method::Ddome, 5, 1), &setup).contains("its seed differs"));
+        assert!(refusal(&config(Method::Fedmix, 4, 1), &setup).contains("its method differs"));
+        let wider = SimConfig {
+            gate_hidden: 16,
+            ..cfg.clone()
+        };
+        assert!(refusal(&wider, &setup).contains("model or federation setting"));
+        let (other_train, _, other_part) = setup_with_validation(3, 2);
+        let other = setup_sha256(&other_train, &other_part);
+        assert_ne!(other, setup);
+        assert!(refusal(&cfg, &other).contains("data or partition"));
+        let shorter = SimConfig {
+            rounds: 2,
+            ..cfg.clone()
+        };
+        assert!(refusal(&shorter, &setup).contains("completed 3 rounds, more than the 2"));
+        // What does not change a round may change.
+        let longer = SimConfig {
+            rounds: 9,
+            threads: 2,
+            eval_every: 4,
+            ..cfg
+        };
+        checkpoint.check_continues(&longer, &setup, path).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_checkpoint_file_is_an_error_naming_the_file() {
+        let (train, test, part) = setup(3);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.bin");
+        let mut save = |c: Checkpoint| Ok(c.save(&path)?);
+        let cfg = config(Method::Ddome, 4, 1);
+        run_resumable(
+            &cfg,
+            &train,
+            &test,
+            6,
+            &part,
+            None,
+            |_, _| {},
+            Some(&mut save),
+        )
+        .unwrap();
+        let good = fs::read(&path).unwrap();
+        let mut checkpoint = Checkpoint::load(&path).unwrap();
+        let load_error = |bytes: &[u8]| {
+            fs::write(&path, bytes).unwrap();
+            let err = Checkpoint::load(&path).unwrap_err();
+            assert!(matches!(err, CheckpointError::Corrupt { .. }), "{err:?}");
+            let message = err.to_string();
+            assert!(message.contains("checkpoint.bin"), "{message}");
+            message
+        };
+        assert!(load_error(&good[..good.len() / 2]).contains("decoding"));
+        assert!(load_error(b"not a checkpoint at all").contains("header"));
+        let mut longer = good.clone();
+        longer.push(0);
+        assert!(load_error(&longer).contains("1 bytes follow"));
+        checkpoint.global.experts[1][0] = f32::NAN;
+        checkpoint.save(&path).unwrap();
+        let nan = fs::read(&path).unwrap();
+        assert!(load_error(&nan).contains("NaN"));
+        let missing = Checkpoint::load(&dir.path().join("absent.bin")).unwrap_err();
+        assert!(missing.to_string().contains("absent.bin"), "{missing}");
     }
 
     #[test]

@@ -194,9 +194,11 @@ impl Checkpoint {
             path: path.to_path_buf(),
             what,
         };
-        if self.setup_sha256 != setup {
-            return Err(other("data or partition"));
-        }
+        // The checkpoint's configuration came through JSON, whose parser may round a long
+        // float differently; this one takes the same path, so equal settings compare equal.
+        let config: &SimConfig = &serde_json::to_string(config)
+            .and_then(|json| serde_json::from_str(&json))
+            .expect("a config survives JSON");
         // These do not change what a round computes; every other field does.
         let comparable = SimConfig {
             rounds: config.rounds,
@@ -215,6 +217,10 @@ impl Checkpoint {
         }
         if comparable != *config {
             return Err(other("model or federation setting"));
+        }
+        // Last, as the partition follows from the seed: a changed seed is named as such.
+        if self.setup_sha256 != setup {
+            return Err(other("data or partition"));
         }
         if self.rounds_completed > config.rounds {
             return Err(CheckpointError::PastTheEnd {

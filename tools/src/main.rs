@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ddome_datasets::{Partition, PartitionConfig, Skew, partition};
 use ddome_models::{BackendChoice, ExpertKind, TrainConfig};
 use ddome_tools::bench::{BenchReport, machine_description};
-use ddome_tools::checkpoint::Checkpoint;
+use ddome_tools::checkpoint::{Checkpoint, setup_sha256};
 use ddome_tools::experiment::{DataConfig, Experiment};
 use ddome_tools::simulate::{
     self, Method, MetricsCsv, OnCheckpoint, RoundMetrics, RunResult, SimConfig,
@@ -501,6 +501,9 @@ fn simulate_command(args: SimulateArgs) -> Result<()> {
     let checkpoint_path = args.out.join("checkpoint.bin");
     let from = if args.resume && checkpoint_path.exists() {
         let checkpoint = Checkpoint::load(&checkpoint_path)?;
+        // Checked here as well as in the run, so that a refused resume rewrites no file.
+        let setup = setup_sha256(&experiment.train, &partition);
+        checkpoint.check_continues(&config, &setup, &checkpoint_path)?;
         eprintln!(
             "resuming {} after round {} of {}",
             checkpoint_path.display(),

@@ -79,6 +79,24 @@ pub enum CheckpointError {
     },
 }
 
+/// A checkpoint checked by [`Checkpoint::resume`] to continue the run it starts.
+#[derive(Debug)]
+pub struct Resume {
+    checkpoint: Checkpoint,
+}
+
+impl Resume {
+    /// The checked checkpoint; its `setup_sha256` is the run's.
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.checkpoint
+    }
+
+    /// The checkpoint, to continue from.
+    pub fn into_checkpoint(self) -> Checkpoint {
+        self.checkpoint
+    }
+}
+
 /// SHA-256 over what a run trains and is evaluated on, besides its configuration: the
 /// training embeddings and labels and the partition. A checkpoint continues only a run with
 /// the same, so a changed common expert, dataset or split cannot be resumed by mistake.
@@ -167,19 +185,31 @@ impl Checkpoint {
             timings: on_disk.timings,
             elapsed_secs: on_disk.elapsed_secs,
         };
-        if checkpoint.global.gate.iter().any(|v| !v.is_finite())
-            || checkpoint
-                .global
-                .experts
-                .iter()
-                .flatten()
-                .any(|v| !v.is_finite())
+        let global = &checkpoint.global;
+        if global
+            .gate
+            .iter()
+            .chain(global.experts.iter().flatten())
+            .any(|v| !v.is_finite())
         {
             return Err(corrupt(
                 "its model holds a NaN or infinite parameter".into(),
             ));
         }
         Ok(checkpoint)
+    }
+
+    /// This checkpoint as the start of a run of `config` on `train` and `partition`, once
+    /// checked to belong to that run (`path` names it in errors).
+    pub fn resume(
+        self,
+        config: &SimConfig,
+        train: &Features,
+        partition: &Partition,
+        path: &Path,
+    ) -> Result<Resume, CheckpointError> {
+        self.check_continues(config, &setup_sha256(train, partition), path)?;
+        Ok(Resume { checkpoint: self })
     }
 
     /// Checks that this checkpoint can continue a run of `config` on the setup whose

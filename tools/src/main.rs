@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ddome_datasets::{Partition, PartitionConfig, Skew, partition};
 use ddome_models::{BackendChoice, ExpertKind, TrainConfig};
 use ddome_tools::bench::{BenchReport, machine_description};
-use ddome_tools::checkpoint::{Checkpoint, setup_sha256};
+use ddome_tools::checkpoint::{Checkpoint, Resume};
 use ddome_tools::experiment::{DataConfig, Experiment};
 use ddome_tools::simulate::{
     self, Method, MetricsCsv, OnCheckpoint, RoundMetrics, RunResult, SimConfig,
@@ -435,13 +435,13 @@ fn run_with_progress(
     config: &SimConfig,
     experiment: &Experiment,
     partition: &Partition,
-    from: Option<(Checkpoint, &Path)>,
+    from: Option<Resume>,
     mut on_evaluation: impl FnMut(&RoundMetrics),
     on_checkpoint: Option<OnCheckpoint>,
 ) -> Result<RunResult> {
     let bar = ProgressBar::new(config.rounds as u64);
-    if let Some((checkpoint, _)) = &from {
-        bar.set_position(checkpoint.rounds_completed as u64);
+    if let Some(resume) = &from {
+        bar.set_position(resume.checkpoint().rounds_completed as u64);
     }
     bar.set_style(
         ProgressStyle::with_template(
@@ -500,25 +500,32 @@ fn simulate_command(args: SimulateArgs) -> Result<()> {
     fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let checkpoint_path = args.out.join("checkpoint.bin");
     let from = if args.resume && checkpoint_path.exists() {
-        let checkpoint = Checkpoint::load(&checkpoint_path)?;
-        // Checked here as well as in the run, so that a refused resume rewrites no file.
-        let setup = setup_sha256(&experiment.train, &partition);
-        checkpoint.check_continues(&config, &setup, &checkpoint_path)?;
+        // Checked before any file is written, so that a refused resume rewrites none.
+        let resume = Checkpoint::load(&checkpoint_path)?.resume(
+            &config,
+            &experiment.train,
+            &partition,
+            &checkpoint_path,
+        )?;
         eprintln!(
             "resuming {} after round {} of {}",
             checkpoint_path.display(),
-            checkpoint.rounds_completed,
+            resume.checkpoint().rounds_completed,
             config.rounds
         );
-        Some((checkpoint, checkpoint_path.as_path()))
+        Some(resume)
     } else {
         None
     };
     // Rows are appended as evaluations arrive, so a long run that is stopped keeps them.
     let csv_path = args.out.join("metrics.csv");
     let mut csv = MetricsCsv::create(&csv_path)?;
-    if let Some((checkpoint, _)) = &from {
-        checkpoint.history.iter().for_each(|m| csv.append(m));
+    if let Some(resume) = &from {
+        resume
+            .checkpoint()
+            .history
+            .iter()
+            .for_each(|m| csv.append(m));
     }
     let mut save = |checkpoint: Checkpoint| Ok(checkpoint.save(&checkpoint_path)?);
     let result = run_with_progress(

@@ -20,7 +20,7 @@ use ddome_protocol::round::local_seed;
 use ddome_protocol::{SelectionConfig, select_participants};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{Checkpoint, setup_sha256};
+use crate::checkpoint::{Checkpoint, Resume, setup_sha256};
 
 /// A federated (or central) training method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
@@ -336,8 +336,8 @@ pub fn run(
 /// Receives a checkpoint at each evaluation point.
 pub type OnCheckpoint<'a> = &'a mut dyn FnMut(Checkpoint) -> Result<()>;
 
-/// [`run`], continuing from `from` (checked to belong to this run; `path` names it in
-/// errors) when given, and handing `on_checkpoint` the run's state at each evaluation point.
+/// [`run`], continuing from `from` when given, and handing `on_checkpoint` the run's state
+/// at each evaluation point.
 #[allow(clippy::too_many_arguments)]
 pub fn run_resumable(
     config: &SimConfig,
@@ -345,16 +345,22 @@ pub fn run_resumable(
     test: &Features,
     classes: usize,
     partition: &Partition,
-    from: Option<(Checkpoint, &Path)>,
+    from: Option<Resume>,
     mut on_round: impl FnMut(usize, Option<&RoundMetrics>),
     mut on_checkpoint: Option<OnCheckpoint>,
 ) -> Result<RunResult> {
     let started = Instant::now();
     let spec = model_spec(config, train, classes)?;
-    let setup = (from.is_some() || on_checkpoint.is_some()).then(|| setup_sha256(train, partition));
+    // A resumed run's setup hash was checked against this run's when the resume was made.
+    let setup = match &from {
+        Some(resume) => Some(resume.checkpoint().setup_sha256.clone()),
+        None => on_checkpoint
+            .is_some()
+            .then(|| setup_sha256(train, partition)),
+    };
     let (first_round, mut global, mut timings, mut history, elapsed_before) = match from {
-        Some((checkpoint, path)) => {
-            checkpoint.check_continues(config, setup.as_deref().unwrap_or_default(), path)?;
+        Some(resume) => {
+            let checkpoint = resume.into_checkpoint();
             (
                 checkpoint.rounds_completed,
                 checkpoint.global,
@@ -1052,9 +1058,29 @@ mod tests {
         .unwrap()
     }
 
+    /// `config` run from its start on `setup`'s data, each checkpoint handed to `on_checkpoint`.
+    fn run_checkpointed(
+        config: &SimConfig,
+        (train, test, part): &(Features, Features, Partition),
+        on_checkpoint: OnCheckpoint,
+    ) -> RunResult {
+        run_resumable(
+            config,
+            train,
+            test,
+            6,
+            part,
+            None,
+            |_, _| {},
+            Some(on_checkpoint),
+        )
+        .unwrap()
+    }
+
     #[test]
     fn a_resumed_run_ends_on_the_model_of_one_that_never_stopped() {
-        let (train, test, part) = setup(3);
+        let data = setup(3);
+        let (train, test, part) = &data;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("checkpoint.bin");
         for method in Method::ALL {
@@ -1063,21 +1089,11 @@ mod tests {
                 eval_every: 1,
                 ..config(method, 4, threads)
             };
-            let whole = run(&cfg(3, 2), &train, &test, 6, &part, |_, _| {}).unwrap();
+            let whole = run(&cfg(3, 2), train, test, 6, part, |_, _| {}).unwrap();
             // Stopped after two rounds, as when a session ends; resumed on another thread count.
             let mut save = |c: Checkpoint| Ok(c.save(&path)?);
             let (first, resumed) = (&cfg(2, 1), &cfg(3, 2));
-            let stopped = run_resumable(
-                first,
-                &train,
-                &test,
-                6,
-                &part,
-                None,
-                |_, _| {},
-                Some(&mut save),
-            )
-            .unwrap();
+            let stopped = run_checkpointed(first, &data, &mut save);
             let checkpoint = Checkpoint::load(&path).unwrap();
             assert_eq!(checkpoint.rounds_completed, 2, "{method:?}");
             assert_eq!(
@@ -1086,13 +1102,14 @@ mod tests {
                 "{method:?}"
             );
             let mut rounds_run = Vec::new();
+            let resume = checkpoint.resume(resumed, train, part, &path).unwrap();
             let resumed = run_resumable(
                 resumed,
-                &train,
-                &test,
+                train,
+                test,
                 6,
-                &part,
-                Some((checkpoint, &path)),
+                part,
+                Some(resume),
                 |round, _| rounds_run.push(round),
                 None,
             )
@@ -1113,26 +1130,16 @@ mod tests {
 
     #[test]
     fn a_checkpoint_of_another_run_is_refused_naming_what_differs() {
-        let (train, test, part) = setup(3);
+        let data = setup(3);
         let mut kept = None;
         let mut keep = |c: Checkpoint| {
             kept = Some(c);
             Ok(())
         };
         let cfg = config(Method::Ddome, 4, 1);
-        run_resumable(
-            &cfg,
-            &train,
-            &test,
-            6,
-            &part,
-            None,
-            |_, _| {},
-            Some(&mut keep),
-        )
-        .unwrap();
+        run_checkpointed(&cfg, &data, &mut keep);
         let checkpoint = kept.expect("the last round is a checkpoint");
-        let setup = setup_sha256(&train, &part);
+        let setup = setup_sha256(&data.0, &data.2);
         let path = Path::new("runs/x/checkpoint.bin");
         let refusal = |config: &SimConfig, setup: &str| {
             let err = checkpoint.check_continues(config, setup, path).unwrap_err();
@@ -1168,22 +1175,10 @@ mod tests {
 
     #[test]
     fn a_damaged_checkpoint_file_is_an_error_naming_the_file() {
-        let (train, test, part) = setup(3);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("checkpoint.bin");
         let mut save = |c: Checkpoint| Ok(c.save(&path)?);
-        let cfg = config(Method::Ddome, 4, 1);
-        run_resumable(
-            &cfg,
-            &train,
-            &test,
-            6,
-            &part,
-            None,
-            |_, _| {},
-            Some(&mut save),
-        )
-        .unwrap();
+        run_checkpointed(&config(Method::Ddome, 4, 1), &setup(3), &mut save);
         let good = fs::read(&path).unwrap();
         let mut checkpoint = Checkpoint::load(&path).unwrap();
         let load_error = |bytes: &[u8]| {

@@ -21,7 +21,15 @@ pub enum ExpertKind {
     Cnn {
         /// Channels of the first stage; the second stage has twice as many.
         width: usize,
+        /// Stride of the first convolution: 2 runs both stages at half the side, a quarter of
+        /// the work, for the quick bench and small devices.
+        #[serde(default = "one")]
+        stem_stride: usize,
     },
+}
+
+fn one() -> usize {
+    1
 }
 
 /// The pixel input a `cnn` expert takes: NCHW, normalised.
@@ -81,7 +89,7 @@ impl ModelSpec {
                 hidden: LinearConfig::new(self.embedding_dim, hidden).init(device),
                 out: LinearConfig::new(hidden, self.classes).init(device),
             }),
-            ExpertKind::Cnn { width } => {
+            ExpertKind::Cnn { width, stem_stride } => {
                 let channels = self.pixels.map_or(3, |p| p.channels);
                 let conv = |from: usize, to: usize, stride: usize| {
                     Conv2dConfig::new([from, to], [3, 3])
@@ -90,7 +98,7 @@ impl ModelSpec {
                         .init(device)
                 };
                 Expert::Cnn(CnnExpert {
-                    stem: conv(channels, width, 1),
+                    stem: conv(channels, width, stem_stride),
                     block1_a: conv(width, width, 1),
                     block1_b: conv(width, width, 1),
                     down: conv(width, 2 * width, 2),
@@ -146,9 +154,9 @@ impl CnnExpert {
     /// - pixels: `[batch, channels, height, width]`
     /// - output: `[batch, classes]`
     fn forward(&self, pixels: Tensor<4>) -> Tensor<2> {
-        let x = relu(conv3x3(&self.stem, pixels)); // [b, w, h, w]
+        let x = relu(conv3x3(&self.stem, pixels)); // [b, w, h / s, w / s]
         let x = relu(x.clone() + conv3x3(&self.block1_b, relu(conv3x3(&self.block1_a, x))));
-        let x = relu(conv3x3(&self.down, x)); // [b, 2w, h/2, w/2]
+        let x = relu(conv3x3(&self.down, x)); // [b, 2w, h / 2s, w / 2s]
         let x = relu(x.clone() + conv3x3(&self.block2_b, relu(conv3x3(&self.block2_a, x))));
         let [batch, channels, height, width] = x.dims();
         let pooled = x.reshape([batch, channels, height * width]).mean_dim(2); // [b, 2w, 1]
@@ -275,6 +283,53 @@ mod tests {
     use super::*;
     use crate::backend::cpu_device;
     use burn::tensor::Distribution;
+
+    /// A stride-2 stem runs the same parameters at half the side and still ends in one
+    /// logit per class; specs written before the stride existed read as stride 1.
+    #[test]
+    fn cnn_stem_stride_halves_the_side_and_keeps_the_parameters() {
+        let device = cpu_device();
+        let spec = |stem_stride| ModelSpec {
+            embedding_dim: 4,
+            classes: 3,
+            experts: 1,
+            gate_hidden: 5,
+            expert: ExpertKind::Cnn {
+                width: 4,
+                stem_stride,
+            },
+            pixels: Some(PixelShape {
+                channels: 3,
+                height: 9,
+                width: 8,
+            }),
+        };
+        let (full, quarter) = (spec(1).expert(&device), spec(2).expert(&device));
+        assert_eq!(
+            crate::params::flatten(&full).len(),
+            crate::params::flatten(&quarter).len()
+        );
+        let Expert::Cnn(cnn) = &quarter else {
+            panic!("a cnn spec builds a cnn expert")
+        };
+        let pixels = Tensor::<4>::random([2, 3, 9, 8], Distribution::Normal(0.0, 1.0), &device);
+        let stem = conv3x3(&cnn.stem, pixels.clone());
+        assert_eq!(stem.dims(), [2, 4, 5, 4]);
+        let input = ExpertInput {
+            embeddings: Tensor::zeros([2, 4], &device),
+            pixels: Some(pixels),
+        };
+        assert_eq!(quarter.forward(&input).dims(), [2, 3]);
+
+        let old: ExpertKind = serde_json::from_str(r#"{"kind":"cnn","width":16}"#).unwrap();
+        assert_eq!(
+            old,
+            ExpertKind::Cnn {
+                width: 16,
+                stem_stride: 1
+            }
+        );
+    }
 
     /// The im2col convolution and burn's own agree (to float rounding) for both strides the
     /// expert uses, odd sides included, on every CPU backend this build has.

@@ -7,6 +7,6 @@
 # the native one. Timings are in BENCHMARKS.md ("CI wall time").
 unoptimised_burn=()
 for crate in burn burn-autodiff burn-backend burn-core burn-dispatch burn-ir burn-linalg \
-             burn-ndarray burn-nn burn-optim burn-std burn-tensor macerator; do
+             burn-flex burn-ndarray burn-nn burn-optim burn-std burn-tensor macerator; do
     unoptimised_burn+=(--config "profile.dev.package.$crate.opt-level=0")
 done

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::simulate::{Method, RunResult, mean_std};
+use crate::simulate::{Method, RoundMetrics, RunResult, mean_std};
 
 /// Everything a bench produced, as written to `results.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -28,6 +28,19 @@ pub struct BenchReport {
     pub machine: String,
 }
 
+/// Evaluation points averaged in [`MethodSummary::mean_last`].
+pub const LAST_EVALUATIONS: usize = 3;
+
+/// The mean zero-shot accuracy over a run's last [`LAST_EVALUATIONS`] evaluation points
+/// (fewer when it has fewer; its final accuracy when it has none).
+fn last_evaluations_mean(history: &[RoundMetrics], final_accuracy: f64) -> f64 {
+    let last = &history[history.len().saturating_sub(LAST_EVALUATIONS)..];
+    if last.is_empty() {
+        return final_accuracy;
+    }
+    last.iter().map(|m| m.zero_shot).sum::<f64>() / last.len() as f64
+}
+
 /// Per-method summary over seeds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MethodSummary {
@@ -37,6 +50,10 @@ pub struct MethodSummary {
     pub mean: f64,
     /// Standard deviation of that accuracy across seeds.
     pub std_seeds: f64,
+    /// Mean over seeds of each run's mean zero-shot accuracy over its last
+    /// [`LAST_EVALUATIONS`] evaluation points: less at the mercy of one round's swing.
+    #[serde(default)]
+    pub mean_last: f64,
     /// Mean over seeds of the across-device standard deviation.
     pub std_devices: f64,
     /// Mean over seeds of the mixture-rule accuracy.
@@ -70,6 +87,11 @@ impl BenchReport {
                     method,
                     mean,
                     std_seeds,
+                    mean_last: runs
+                        .iter()
+                        .map(|r| last_evaluations_mean(&r.history, r.zero_shot.mean))
+                        .sum::<f64>()
+                        / n,
                     std_devices: runs.iter().map(|r| r.zero_shot.std).sum::<f64>() / n,
                     mean_mixture: runs.iter().map(|r| r.zero_shot.mean_mixture).sum::<f64>() / n,
                     validation: runs
@@ -114,9 +136,9 @@ impl BenchReport {
         );
         let _ = writeln!(
             md,
-            "| method | zero-shot (top expert) | spread across devices (std) | zero-shot (mixture) | rounds | bytes down / up per round (f32) | wall s per run |"
+            "| method | zero-shot (top expert) | mean of the last {LAST_EVALUATIONS} evaluations | spread across devices (std) | zero-shot (mixture) | rounds | bytes down / up per round (f32) | wall s per run |"
         );
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
         for s in &summaries {
             let runs: Vec<&RunResult> = self
                 .runs
@@ -127,10 +149,11 @@ impl BenchReport {
             let wall = runs.iter().map(|r| r.wall_secs).sum::<f64>() / runs.len() as f64;
             let _ = writeln!(
                 md,
-                "| {} | {} ± {} | {} | {} | {} | {} / {} | {:.0} |",
+                "| {} | {} ± {} | {} | {} | {} | {} | {} / {} | {:.0} |",
                 s.method.name(),
                 pct(s.mean),
                 pct(s.std_seeds),
+                pct(s.mean_last),
                 pct(s.std_devices),
                 pct(s.mean_mixture),
                 first.config.rounds,
@@ -292,4 +315,35 @@ pub fn machine_description() -> String {
         })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
     format!("{cores} cores, {cpu}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(round: usize, zero_shot: f64) -> RoundMetrics {
+        RoundMetrics {
+            round,
+            train_loss: 1.0,
+            zero_shot,
+            zero_shot_std: 0.0,
+            zero_shot_mixture: zero_shot,
+            anchor_routing: Vec::new(),
+            validation: None,
+            validation_mixture: None,
+            elapsed_secs: 0.0,
+        }
+    }
+
+    #[test]
+    fn the_last_evaluations_are_averaged_and_only_those() {
+        let history: Vec<RoundMetrics> = [0.9, 0.1, 0.2, 0.3]
+            .iter()
+            .enumerate()
+            .map(|(i, &acc)| point(5 * (i + 1), acc))
+            .collect();
+        assert!((last_evaluations_mean(&history, 0.3) - 0.2).abs() < 1e-12);
+        assert!((last_evaluations_mean(&history[2..], 0.3) - 0.25).abs() < 1e-12);
+        assert_eq!(last_evaluations_mean(&[], 0.42), 0.42);
+    }
 }

@@ -403,6 +403,7 @@ fn spec(config: &TrainBenchConfig, case: TrainCase) -> ModelSpec {
             },
             _ => ExpertKind::Cnn {
                 width: config.cnn_width,
+                stem_stride: 1,
             },
         },
         pixels: case.pixels(),

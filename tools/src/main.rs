@@ -658,8 +658,9 @@ fn given_to_zero_shot(matches: &ArgMatches) -> impl Fn(&str) -> bool + '_ {
 ///
 /// With `head` experts over the frozen common expert, FedAvg's one head barely drifts under
 /// label skew and DDOME does not beat it (BENCHMARKS.md); the paper's gap is with experts
-/// trained from scratch on pixels. Those cost minutes a round at full size on two cores, so
-/// the quick bench trains a quarter-size `cnn`: width 8, its stem at stride 2.
+/// trained from scratch on pixels. At full size every method together takes about a minute
+/// a round on two cores, so the quick bench trains a small `cnn`: width 8, its stem at
+/// stride 2, a fifteenth of the full expert's arithmetic.
 fn quick_settings(args: &mut BenchArgs, given: impl Fn(&str) -> bool) {
     args.seeds.truncate(1);
     let f = &mut args.federation;
